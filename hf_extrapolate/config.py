@@ -1,0 +1,159 @@
+"""`ExtrapolationConfig`: what the directional step distribution is (proposal, criterion, threshold, gamma, warpers).
+
+The config says *what*; `hf_extrapolate.directional` does the math and `hf_extrapolate.processor` wires it into
+`generate()`. It is a plain dataclass validated in `__post_init__`, with a JSON round-trip (`to_dict` / `from_dict`,
+`to_json_file` / `from_json_file`) in the style of PEFT's `adapter_config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+PROPOSALS = ("base", "rl")
+TOKEN_CRITERIA = ("logp_diff",)
+POSITION_CRITERIA = ("entropy", "rl_entropy", "kl", "reverse_kl", "avg_kl")
+OTHER_CRITERIA = ("random", "always", "never")
+CRITERIA = TOKEN_CRITERIA + POSITION_CRITERIA + OTHER_CRITERIA
+
+CONFIG_NAME = "extrapolation_config.json"
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class ExtrapolationConfig:
+    """Configuration of selective token replacement and test-time extrapolation (the paper's Algorithm 1 and Eq. 7).
+
+    At every step a token is drawn from the *proposal* distribution `p`; if the *criterion* fires it is redrawn from
+    the *replacement* distribution `r = warp((1 + gamma) * logp_rl - gamma * logp_base)`. `gamma = 0` is plain
+    replacement by the RL model; `gamma > 0` extrapolates along the RLVR direction (the paper uses 0.05-0.1).
+
+    Example:
+
+    ```python
+    >>> from hf_extrapolate import ExtrapolationConfig
+    >>> cfg = ExtrapolationConfig(criterion="logp_diff", threshold=-0.3, gamma=0.1, top_p=0.7)
+    >>> ExtrapolationConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    ```
+    """
+
+    proposal: str = field(
+        default="base",
+        metadata={"help": "Model the token is first drawn from: 'base' (Algorithm 1) or 'rl' (the paper's Table 1)."},
+    )
+    criterion: str = field(
+        default="logp_diff",
+        metadata={
+            "help": "When to redraw: 'logp_diff' (token-level, fires when logp_rl(y) - logp_base(y) < threshold); "
+            "'entropy', 'rl_entropy', 'kl', 'reverse_kl', 'avg_kl' (position-level, fire when the metric > "
+            "threshold); 'random' (fires with probability threshold); 'always'; 'never'."
+        },
+    )
+    threshold: float = field(
+        default=-0.3,
+        metadata={"help": "tau of the criterion. The paper: -0.3 (DAPO-32B), -0.4 (ORZ-32B), -0.35 (UniReason-14B)."},
+    )
+    gamma: float = field(
+        default=0.0,
+        metadata={"help": "Extrapolation strength of Eq. 7: r ∝ pi_rl^(1+gamma) / pi_base^gamma. 0 = replace only."},
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Temperature applied to p and r (inside)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k applied to p and r (inside); 0 disables it."})
+    top_p: float = field(default=1.0, metadata={"help": "Top-p applied to p and r (inside); 1.0 disables it."})
+    candidate_top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "Restrict r to the proposal's top-k raw tokens before warping (the paper's reference code sees "
+            "only the top-50); None uses the full vocabulary."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.proposal not in PROPOSALS:
+            raise ValueError(
+                f"`proposal` (={self.proposal!r}) must be one of {PROPOSALS}: 'base' draws from the base model and "
+                "replaces with the RL model (Algorithm 1), 'rl' draws from the RL model and extrapolates on it."
+            )
+        if self.criterion not in CRITERIA:
+            raise ValueError(
+                f"`criterion` (={self.criterion!r}) must be one of {CRITERIA}. Use 'logp_diff' for the paper's "
+                "direction criterion."
+            )
+        if not _is_real(self.threshold) or math.isnan(self.threshold):
+            raise ValueError(f"`threshold` (={self.threshold!r}) must be a real number, e.g. -0.3 for 'logp_diff'.")
+        self.threshold = float(self.threshold)
+        if self.criterion == "random" and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(
+                f"`threshold` (={self.threshold}) is the replacement probability of criterion='random' and must lie "
+                "in [0, 1]; e.g. threshold=0.1 replaces 10% of the tokens."
+            )
+        if not _is_real(self.gamma) or not math.isfinite(self.gamma):
+            raise ValueError(f"`gamma` (={self.gamma!r}) must be a finite real number; the paper uses 0.05-0.1.")
+        self.gamma = float(self.gamma)
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(
+                f"`temperature` (={self.temperature!r}) has to be a strictly positive float. If you're looking for "
+                "greedy decoding, call generate with `do_sample=False`."
+            )
+        self.temperature = float(self.temperature)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"`top_k` (={self.top_k!r}) has to be a non-negative integer; 0 disables top-k.")
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"`top_p` (={self.top_p!r}) has to be a float in (0, 1]; 1.0 disables top-p.")
+        self.top_p = float(self.top_p)
+        if self.candidate_top_k is not None and (
+            isinstance(self.candidate_top_k, bool) or not isinstance(self.candidate_top_k, int) or self.candidate_top_k < 1
+        ):
+            raise ValueError(
+                f"`candidate_top_k` (={self.candidate_top_k!r}) has to be a positive integer (the paper's reference "
+                "code uses 50) or None for the full vocabulary."
+            )
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def is_token_level(self) -> bool:
+        """Whether the criterion is decided per token (`logp_diff`) rather than per position."""
+        return self.criterion in TOKEN_CRITERIA
+
+    def replace(self, **overrides: Any) -> ExtrapolationConfig:
+        """A copy with `overrides` applied (validated); unknown names raise a `TypeError` that lists the fields."""
+        _check_keys(overrides, "ExtrapolationConfig.replace")
+        return dataclasses.replace(self, **overrides)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExtrapolationConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"`data` must be a dict of config fields, got {type(data).__name__}.")
+        _check_keys(data, "ExtrapolationConfig.from_dict")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> ExtrapolationConfig:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+def _check_keys(data: dict[str, Any], where: str) -> None:
+    names = {f.name for f in dataclasses.fields(ExtrapolationConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise TypeError(f"{where}: unknown field(s) {unknown}; ExtrapolationConfig has {sorted(names)}.")
