@@ -6,11 +6,15 @@ Implements "On the Direction of RLVR Updates for LLM Reasoning: Identification a
 
 from .config import CRITERIA, PROPOSALS, ExtrapolationConfig
 from .directional import directional_logprobs, directional_step
+from .processor import DirectionalLogitsProcessor
+from .reference import ReferenceModel
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CRITERIA",
+    "DirectionalLogitsProcessor",
+    "ReferenceModel",
     "PROPOSALS",
     "ExtrapolationConfig",
     "directional_logprobs",

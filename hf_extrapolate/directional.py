@@ -66,13 +66,29 @@ def directional_step(
     greedy: bool = False,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of Algorithm 1 / Eq. 7. rl_scores, base_scores: (B, V). Returns `(scores, replaced_mass)`.
+    """One step of Algorithm 1 / Eq. 7: `(scores, replaced_mass)`; see `directional_step_with_replacement`."""
+    out, mass, _ = directional_step_with_replacement(
+        rl_scores, base_scores, config, greedy=greedy, generator=generator
+    )
+    return out, mass
+
+
+def directional_step_with_replacement(
+    rl_scores: torch.Tensor,
+    base_scores: torch.Tensor,
+    config: ExtrapolationConfig,
+    *,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of Algorithm 1 / Eq. 7. rl_scores, base_scores: (B, V). Returns `(scores, replaced_mass, log_r)`.
 
     - `greedy=False`: `scores = log q` (B, V), so that sampling from `softmax(scores)` is exactly the two-stage
       sampler; `replaced_mass = M` (B,), the probability that the drawn token is a redraw.
     - `greedy=True`: `scores` is `log r` on rows where the criterion fires on `y0 = argmax p` and `log p` elsewhere,
       so `argmax(scores)` is the greedy choice; `replaced_mass` is 1.0 on replaced rows, 0.0 elsewhere.
       `random` draws one uniform per row from `generator` (torch's global RNG when None).
+    - `log_r` (B, V) is the replacement distribution (for the posterior `M r(y) / q(y)` of a drawn token).
     """
     rl, base = normalize_pair(rl_scores, base_scores)
     log_p, log_r = proposal_and_replacement(rl, base, config)
@@ -88,18 +104,18 @@ def directional_step(
                 fire = mask.squeeze(-1)
             else:
                 fire = mask.gather(-1, log_p.argmax(dim=-1, keepdim=True)).squeeze(-1)
-        return torch.where(fire.unsqueeze(-1), log_r, log_p), fire.float()
+        return torch.where(fire.unsqueeze(-1), log_r, log_p), fire.float(), log_r
 
     if criterion == "random":
         keep = math.log1p(-tau) if tau < 1.0 else NEG_INF
         swap = math.log(tau) if tau > 0.0 else NEG_INF
         log_q = torch.logaddexp(log_p + keep, log_r + swap)
-        return log_q, torch.full((rows,), tau, device=rl.device)
+        return log_q, torch.full((rows,), tau, device=rl.device), log_r
 
     mask = fires(criterion, tau, rl, base)
     mass = (log_p.exp() * mask).sum(-1)
     log_q = torch.logaddexp(log_p.masked_fill(mask, NEG_INF), mass.log().unsqueeze(-1) + log_r)
-    return log_q, mass
+    return log_q, mass, log_r
 
 
 def directional_logprobs(

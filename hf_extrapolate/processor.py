@@ -1,0 +1,215 @@
+"""`DirectionalLogitsProcessor`: selective replacement / extrapolation inside `model.generate()`.
+
+The RL model is the model that generates; the processor runs the base model beside it (`hf_extrapolate.reference`,
+one forward per step on the new token only) and returns the scores of the step distribution of
+`hf_extrapolate.directional`, so that generate's own sampler draws exactly from Algorithm 1 / Eq. 7 and its greedy
+argmax picks exactly the greedy token.
+
+What it does not do: it does not warp the outer distribution. Temperature, top-k and top-p belong to the config and
+are applied to each component inside; the outer `generate` call must use neutral warpers
+(`top_k=0, top_p=1.0, temperature=1.0`), or transformers would warp the mixture a second time.
+`DirectionalModelForCausalLM` does this for you.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor
+
+from .config import ExtrapolationConfig
+from .directional import directional_step_with_replacement
+from .distributions import NEG_INF
+from .reference import ReferenceModel
+from .statistics import ReplacementStats
+
+logger = logging.getLogger(__name__)
+
+# a padded embedding matrix differs from the tokenizer's size by at most this fraction (Qwen2.5: 151936 vs 152064)
+PADDED_VOCAB_TOLERANCE = 0.01
+
+
+def shared_vocab_size(rl_size: int, base_size: int, vocab_size: int | None = None) -> int:
+    """The token range both models are compared on. Raises `ValueError` for a real vocabulary mismatch.
+
+    With `vocab_size` (the tokenizer's `len(tokenizer)`) both models must cover it and it is used; without it, two
+    sizes that differ by at most 1% are taken as the same tokenizer with padded embedding matrices.
+    """
+    if vocab_size is not None:
+        if vocab_size > min(rl_size, base_size):
+            raise ValueError(
+                f"`vocab_size` (={vocab_size}) exceeds the RL model's ({rl_size}) or the base model's ({base_size}) "
+                "output size: the two models do not share this tokenizer."
+            )
+        return vocab_size
+    if rl_size == base_size:
+        return rl_size
+    small, large = sorted((rl_size, base_size))
+    if large - small > PADDED_VOCAB_TOLERANCE * large:
+        raise ValueError(
+            f"The RL model scores {rl_size} tokens and the base model {base_size}: these are different vocabularies, "
+            "and the method needs the same tokenizer for both. If they only differ by embedding padding, pass "
+            "`vocab_size=len(tokenizer)`."
+        )
+    logger.info("RL and base vocabularies differ by padding (%d vs %d); comparing the first %d tokens.", rl_size, base_size, small)
+    return small
+
+
+def _default_eos(model: Any) -> Any:
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    return eos
+
+
+class DirectionalLogitsProcessor(LogitsProcessor):
+    r"""[`LogitsProcessor`] that turns the RL model's scores into the step distribution of selective token replacement
+    (Algorithm 1) or test-time selective extrapolation (Eq. 7) of "On the Direction of RLVR Updates for LLM
+    Reasoning" (ICLR 2026), running the base model beside the RL model with its own KV cache.
+
+    With `do_sample=True` it returns `log q`, `q(y) = p(y) [c(y) does not fire] + M r(y)`, so generate's multinomial
+    draw is exactly "draw from the proposal p; if the criterion fires, redraw from r". With `do_sample=False` it
+    returns `log r` on rows where the criterion fires on `argmax p`, `log p` elsewhere. With beam search
+    (`num_beams > 1`) it returns `log q`.
+
+    Args:
+        base_model (`PreTrainedModel` or `ReferenceModel`):
+            The base (pre-RLVR) causal LM sharing the RL model's tokenizer; any device and dtype (math is fp32).
+        config (`ExtrapolationConfig` or `dict`, *optional*):
+            What to compute; keyword `overrides` (`criterion=`, `gamma=`, ...) replace its fields.
+        attention_mask (`torch.Tensor` of shape `(batch, prompt_length)`, *optional*):
+            The attention mask passed to generate. Needed for left-padded batches; it belongs to one set of inputs
+            (for new inputs create a new processor or call `reset(attention_mask=...)`).
+        do_sample (`bool`, defaults to `True`): the `do_sample` of the generate call.
+        num_beams (`int`, defaults to 1): the `num_beams` of the generate call (beam search re-matches rows).
+        eos_token_id (`int` or `list[int]`, *optional*): ends a row for the statistics; defaults to the base
+            model's generation config.
+        vocab_size (`int`, *optional*): the tokenizer's size, when the two models' embedding matrices are padded
+            differently by more than 1%.
+        generator (`torch.Generator`, *optional*): RNG for the `random` criterion under greedy decoding.
+
+    Example:
+
+    ```python
+    >>> from transformers import LogitsProcessorList
+    >>> proc = DirectionalLogitsProcessor(base_model, ExtrapolationConfig(threshold=-0.3, gamma=0.1, top_p=0.7),
+    ...                                   attention_mask=inputs["attention_mask"])
+    >>> out = rl_model.generate(**inputs, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+    ...                         logits_processor=LogitsProcessorList([proc]), max_new_tokens=256)
+    >>> proc.replace_ratio(out)  # expected fraction of replaced tokens per sequence
+    ```
+    """
+
+    def __init__(
+        self,
+        base_model: Any,
+        config: ExtrapolationConfig | dict | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        do_sample: bool = True,
+        num_beams: int = 1,
+        eos_token_id: int | Sequence[int] | None = None,
+        vocab_size: int | None = None,
+        generator: torch.Generator | None = None,
+        **overrides: Any,
+    ):
+        if config is None:
+            config = ExtrapolationConfig()
+        elif isinstance(config, dict):
+            config = ExtrapolationConfig.from_dict(config)
+        elif not isinstance(config, ExtrapolationConfig):
+            raise TypeError(f"`config` must be an ExtrapolationConfig or a dict, got {type(config).__name__}.")
+        self.config = config.replace(**overrides) if overrides else config
+        if not isinstance(do_sample, bool):
+            raise TypeError(f"`do_sample` (={do_sample!r}) must be a bool: the do_sample of your generate call.")
+        if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
+            raise ValueError(f"`vocab_size` (={vocab_size!r}) must be a positive int, e.g. len(tokenizer).")
+        if isinstance(base_model, ReferenceModel):
+            if attention_mask is not None:
+                base_model.reset(attention_mask)
+            self.reference = base_model
+            model = base_model.model
+        else:
+            self.reference = ReferenceModel(base_model, attention_mask, num_beams=num_beams)
+            model = base_model
+        self.do_sample = do_sample
+        self.num_beams = self.reference.num_beams
+        self.greedy = not do_sample and self.num_beams == 1
+        self.eos_token_id = eos_token_id if eos_token_id is not None else _default_eos(model)
+        self.vocab_size = vocab_size
+        self.generator = generator
+        self.stats = ReplacementStats()
+        self._pending: tuple | None = None  # (position, log q, log r, M) of the last sampled step
+
+    def reset(self, attention_mask: torch.Tensor | None = None) -> None:
+        """Forget the base cache and the statistics (optionally for inputs with a new attention mask)."""
+        self.reference.reset(attention_mask)
+        self.stats.reset(0)
+        self._pending = None
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        base_logits = self.reference(input_ids)
+        position = input_ids.shape[1]
+        if self.reference.started_generation:
+            self.stats.reset(position)
+            self._pending = None
+        elif self.reference.last_reorder is not None:
+            self.stats.reorder(self.reference.last_reorder)
+            self._pending = None
+        self._resolve_pending(input_ids)
+
+        rl_size, base_size = scores.shape[-1], base_logits.shape[-1]
+        shared = shared_vocab_size(rl_size, base_size, self.vocab_size)
+        rl_scores = scores[:, :shared] if shared < rl_size else scores
+        base_scores = base_logits[:, :shared] if shared < base_size else base_logits
+        out, mass, log_r = directional_step_with_replacement(
+            rl_scores, base_scores, self.config, greedy=self.greedy, generator=self.generator
+        )
+        self.stats.record(position, mass)
+        if self.greedy:
+            self.stats.record_posterior(position, mass)
+        else:
+            self._pending = (position, out, log_r, mass)
+        if shared < rl_size:
+            out = torch.cat([out, out.new_full((out.shape[0], rl_size - shared), NEG_INF)], dim=-1)
+        return out
+
+    # ------------------------------------------------------------------ statistics
+    def _resolve_pending(self, tokens: torch.Tensor) -> None:
+        """Posterior that the token drawn at the last step was a redraw: `M r(y) / q(y)` for the chosen y."""
+        if self._pending is None:
+            return
+        position, log_q, log_r, mass = self._pending
+        self._pending = None
+        if tokens.shape[1] > position:
+            chosen = tokens[:, position : position + 1].to(log_q.device).clamp(max=log_q.shape[-1] - 1)
+            log_post = mass.log() + (log_r.gather(-1, chosen) - log_q.gather(-1, chosen)).squeeze(-1)
+            self.stats.record_posterior(position, log_post.exp().nan_to_num(0.0).clamp(0.0, 1.0))
+
+    def replace_ratio(self, sequences: torch.Tensor | Any | None = None) -> torch.Tensor:
+        """Expected fraction of replaced tokens per sequence, shape (rows,): the mean of the replaced mass M over each
+        row's generated positions up to and including its first EOS (the paper's "Replaced Ratio").
+
+        Pass generate's output (`sequences`, or the output object) for exact bounds under assisted decoding; for
+        beam search the rows are the live beams of the last step (call without `sequences`).
+        """
+        self.reference.check()
+        sequences = getattr(sequences, "sequences", sequences)
+        return self.stats.replace_ratio(self.reference.ids, self.eos_token_id, sequences)
+
+    def replaced_token_probability(self, sequences: torch.Tensor | Any | None = None) -> torch.Tensor:
+        """Per generated position (rows, positions): the probability that the token there was a redraw, `M r(y)/q(y)`
+        (0 or 1 under greedy decoding); NaN for padding after EOS. Pass generate's output to include its last token.
+        """
+        sequences = getattr(sequences, "sequences", sequences)
+        if sequences is not None:
+            self._resolve_pending(sequences)
+        self.reference.check()
+        valid = self.stats.valid(self.reference.ids, self.eos_token_id, sequences)
+        post = self.stats.posterior[:, : valid.shape[1]]
+        return post.masked_fill(~valid, float("nan"))

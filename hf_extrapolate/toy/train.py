@@ -1,0 +1,469 @@
+"""Build the toy base/RLVR pair: SFT a tiny `LlamaForCausalLM` on imperfect traces, then DAPO it with TRL.
+
+`build_toy_pair(out_dir)` writes two normal HF model folders, `out_dir/base` and `out_dir/rl`, each with its
+tokenizer and a `toy_pair.json` (config, seeds, held-out accuracies):
+
+1. **base**: a plain torch loop of next-token cross-entropy on the completions of imperfect traces
+   (`hf_extrapolate.toy.task.imperfect_trace`), fresh problems every step;
+2. **rl**: TRL's `GRPOTrainer` from the base with `loss_type="dapo"`, clip-higher (`epsilon=0.2`,
+   `epsilon_high=0.28`), no KL (`beta=0`), group-normalised advantages, and the verifier (1/0 from the last
+   `\\boxed{}`) as the only reward, unweighted.
+
+Deviations from DAPO as published: no dynamic sampling (groups whose rewards are all equal get zero advantage and
+so no gradient, but they are not refilled) and no overlong reward shaping (truncated completions are masked out of
+the loss instead). Accuracies are measured with plain `model.generate` on held-out problems (their expressions are
+never trained on), greedy and sampled at temperature 1, after the weights are rounded to the dtype they are saved
+in, so the numbers in `toy_pair.json` are those of the saved folders.
+
+Everything is seeded (`seed`), and runs on CPU in minutes; bit-exact results need the same torch build and thread
+count. This module logs; progress bars belong to the CLI (pass `progress`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from .task import Problem, TaskConfig, accuracy, boxed_reward, imperfect_trace, sample_problems
+from .tokenizer import build_toy_tokenizer
+
+logger = logging.getLogger(__name__)
+
+PAIR_INFO_NAME = "toy_pair.json"
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# A progress callback: (stage, done, total), stage in {"sft", "rl", "eval"}.
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class ToyPairConfig:
+    """How the toy pair is built: task, model size, the SFT stage, the RLVR (DAPO) stage and the evaluation."""
+
+    seed: int = field(default=0, metadata={"help": "Seed of problems, traces, initialisation and sampling."})
+    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "Problems and imperfect traces."})
+
+    # model
+    hidden_size: int = field(default=128, metadata={"help": "Width of the LlamaForCausalLM."})
+    intermediate_size: int = field(default=384, metadata={"help": "MLP width."})
+    num_hidden_layers: int = field(default=4, metadata={"help": "Number of decoder layers."})
+    num_attention_heads: int = field(default=4, metadata={"help": "Attention heads (also key/value heads)."})
+
+    # SFT (base)
+    sft_steps: int = field(default=1500, metadata={"help": "Optimizer steps of the base stage."})
+    sft_batch_size: int = field(default=64, metadata={"help": "Traces per SFT step (fresh problems each step)."})
+    sft_learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (cosine decay)."})
+    sft_warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps of the SFT schedule."})
+
+    # RLVR (DAPO on TRL)
+    rl_steps: int = field(default=150, metadata={"help": "GRPOTrainer optimizer steps (`max_steps`)."})
+    rl_prompts_per_step: int = field(default=16, metadata={"help": "Distinct problems per RL step."})
+    rl_num_generations: int = field(default=8, metadata={"help": "Completions per problem (the group size)."})
+    rl_learning_rate: float = field(default=1e-4, metadata={"help": "Constant AdamW learning rate of the RL stage."})
+    rl_train_problems: int = field(default=4096, metadata={"help": "Size of the RL prompt set (train split)."})
+    max_completion_length: int = field(default=48, metadata={"help": "Max new tokens in RL and evaluation."})
+
+    # evaluation and saving
+    eval_problems: int = field(default=200, metadata={"help": "Held-out problems for the reported accuracies."})
+    eval_seed: int = field(default=12345, metadata={"help": "Seed of the held-out problems and of sampling."})
+    save_dtype: str = field(default="float16", metadata={"help": "dtype of the saved weights: " + str(SAVE_DTYPES)})
+    num_threads: int | None = field(default=None, metadata={"help": "torch threads; None keeps torch's default."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.task, dict):
+            self.task = TaskConfig(**self.task)
+        positive = (
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "sft_steps",
+            "sft_batch_size", "rl_prompts_per_step", "rl_num_generations", "rl_train_problems",
+            "max_completion_length", "eval_problems",
+        )  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` (={value!r}) must be a positive integer.")
+        for name in ("rl_steps", "sft_warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` (={value!r}) must be a non-negative integer (0 skips it).")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"`hidden_size` (={self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"(={self.num_attention_heads})."
+            )
+        if self.rl_num_generations < 2:
+            raise ValueError(
+                f"`rl_num_generations` (={self.rl_num_generations}) must be at least 2: GRPO/DAPO advantages compare "
+                "completions of the same problem."
+            )
+        for name in ("sft_learning_rate", "rl_learning_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"`{name}` (={value!r}) must be a positive float.")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"`save_dtype` (={self.save_dtype!r}) must be one of {sorted(SAVE_DTYPES)}.")
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ValueError(f"`num_threads` (={self.num_threads!r}) must be a positive integer or None.")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> ToyPairConfig:
+        """A tiny build (seconds) that exercises every stage; the pair it makes is not meant to be good."""
+        values: dict[str, Any] = dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            sft_steps=20, sft_batch_size=16, sft_warmup_steps=2, rl_steps=2, rl_prompts_per_step=2,
+            rl_num_generations=2, rl_train_problems=16, max_completion_length=24, eval_problems=8,
+        )  # fmt: skip
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["task"] = self.task.to_dict()
+        return data
+
+
+@dataclass
+class ToyPairResult:
+    """What `build_toy_pair` made: the two folders and their held-out accuracies."""
+
+    base_dir: str
+    rl_dir: str
+    accuracies: dict[str, dict[str, float]]  # {"base"|"rl": {"greedy": acc, "sampled": acc}}
+    seconds: dict[str, float]  # {"sft", "rl", "eval", "total"}
+
+
+# ---------------------------------------------------------------------- model and data
+def make_toy_model(config: ToyPairConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
+    """A freshly initialised `LlamaForCausalLM` sized by `config` (seeded by the caller)."""
+    model_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(model_config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.max_new_tokens = config.max_completion_length
+    return model
+
+
+def chat_prompt(problem: Problem) -> list[dict[str, str]]:
+    return [{"role": "user", "content": problem.prompt}]
+
+
+def sft_batch(
+    tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], completions: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and `labels` (-100 on prompt and padding) for SFT."""
+    rows, label_rows = [], []
+    for problem, completion in zip(problems, completions):
+        prompt_ids = tokenizer.apply_chat_template(chat_prompt(problem), add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(prompt_ids, add_special_tokens=False)["input_ids"]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt_ids + completion_ids)
+        label_rows.append([-100] * len(prompt_ids) + completion_ids)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, label_row) in enumerate(zip(rows, label_rows)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        labels[i, : len(row)] = torch.tensor(label_row)
+        attention_mask[i, : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------- stages
+def train_base(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    config: ToyPairConfig,
+    progress: ProgressFn | None = None,
+) -> list[float]:
+    """SFT on imperfect traces (fresh train-split problems each step). Returns the loss of every step."""
+    rng = random.Random(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.sft_learning_rate, weight_decay=0.01)
+
+    def schedule(step: int) -> float:
+        if step < config.sft_warmup_steps:
+            return (step + 1) / config.sft_warmup_steps
+        t = (step - config.sft_warmup_steps) / max(1, config.sft_steps - config.sft_warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model.train()
+    losses = []
+    for step in range(config.sft_steps):
+        problems = sample_problems(config.sft_batch_size, seed=rng.getrandbits(32), config=config.task)
+        completions = [imperfect_trace(p, rng, config.task) for p in problems]
+        loss = model(**sft_batch(tokenizer, problems, completions)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == config.sft_steps - 1:
+            logger.info("sft step %d/%d loss %.4f", step + 1, config.sft_steps, losses[-1])
+        if progress is not None:
+            progress("sft", step + 1, config.sft_steps)
+    model.eval()
+    return losses
+
+
+def train_rl(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    config: ToyPairConfig,
+    output_dir: str,
+    progress: ProgressFn | None = None,
+) -> list[dict[str, float]]:
+    """DAPO (TRL `GRPOTrainer`) from `model` with the verifier as the only reward. Trains `model` in place.
+
+    Returns TRL's log history (reward, clip ratios, ... per logging step).
+    """
+    try:
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("The RLVR stage needs TRL: `pip install 'hf_extrapolate[train]'`.") from err
+
+    problems = sample_problems(config.rl_train_problems, seed=config.seed + 1, config=config.task)
+    dataset = Dataset.from_dict(
+        {"prompt": [chat_prompt(p) for p in problems], "answer": [p.answer for p in problems]}
+    )
+    batch = config.rl_prompts_per_step * config.rl_num_generations
+    args = GRPOConfig(
+        output_dir=output_dir,
+        # DAPO: token-level loss over the whole batch, clip-higher, no KL, verifier reward only
+        loss_type="dapo",
+        epsilon=0.2,
+        epsilon_high=0.28,
+        beta=0.0,
+        scale_rewards="group",
+        mask_truncated_completions=True,
+        num_generations=config.rl_num_generations,
+        max_completion_length=config.max_completion_length,
+        temperature=1.0,
+        # optimisation
+        learning_rate=config.rl_learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        num_iterations=1,
+        max_steps=config.rl_steps,
+        # CPU, quiet, nothing written but the final model (saved by the caller)
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        seed=config.seed,
+        data_seed=config.seed,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+    class _Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+            if progress is not None:
+                progress("rl", state.global_step, state.max_steps)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if logs and "reward" in logs:
+                logger.info("rl step %d/%d reward %.3f", state.global_step, state.max_steps, logs["reward"])
+
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=boxed_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[_Progress()],
+    )
+    trainer.train()
+    model.eval()
+    return [dict(entry) for entry in trainer.state.log_history]
+
+
+@torch.no_grad()
+def generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[Problem],
+    do_sample: bool = False,
+    seed: int = 0,
+    max_new_tokens: int = 48,
+    batch_size: int = 256,
+) -> list[str]:
+    """Completions of `model` for `problems` with plain `model.generate` (greedy, or sampled at temperature 1)."""
+    model.eval()
+    completions: list[str] = []
+    torch.manual_seed(seed)
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        texts = [
+            tokenizer.apply_chat_template(chat_prompt(p), add_generation_prompt=True, tokenize=False) for p in chunk
+        ]
+        inputs = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
+        sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {}
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            do_sample=do_sample,
+            **sampling,
+        )
+        completions += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return completions
+
+
+def evaluate_toy_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[Problem],
+    seed: int = 0,
+    max_new_tokens: int = 48,
+) -> dict[str, float]:
+    """Held-out accuracy `{"greedy": ..., "sampled": ...}` (sampled: one completion per problem, temperature 1)."""
+    return {
+        "greedy": accuracy(generate_completions(model, tokenizer, problems, False, seed, max_new_tokens), problems),
+        "sampled": accuracy(generate_completions(model, tokenizer, problems, True, seed, max_new_tokens), problems),
+    }
+
+
+def held_out_problems(config: ToyPairConfig, n: int | None = None) -> list[Problem]:
+    """The fixed held-out evaluation problems of `config` (first `n`, default `config.eval_problems`)."""
+    return sample_problems(n or config.eval_problems, seed=config.eval_seed, config=config.task, split="held_out")
+
+
+def _round_weights(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Round fp32 weights to `dtype` and back, so the fp32 model evaluated is exactly the one saved."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.to(dtype).float())
+
+
+def _save(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str, dtype: torch.dtype, info: dict[str, Any]
+) -> None:
+    os.makedirs(path, exist_ok=True)
+    saved = model.to(dtype)
+    saved.save_pretrained(path)
+    model.float()
+    tokenizer.save_pretrained(path)
+    with open(os.path.join(path, PAIR_INFO_NAME), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+# ---------------------------------------------------------------------- the whole build
+def build_toy_pair(
+    out_dir: str | os.PathLike,
+    config: ToyPairConfig | None = None,
+    progress: ProgressFn | None = None,
+    **overrides: Any,
+) -> ToyPairResult:
+    """Train the toy base model (SFT) and its RLVR model (DAPO), evaluate both, save `out_dir/{base,rl}`.
+
+    Args:
+        out_dir (`str` or `os.PathLike`): where `base/` and `rl/` are written (created; existing files overwritten).
+        config (`ToyPairConfig`, *optional*): defaults to `ToyPairConfig()`; keyword `overrides` (e.g. `seed=1`)
+            replace its fields.
+        progress (`callable`, *optional*): called as `progress(stage, done, total)` for a progress bar.
+
+    Returns `ToyPairResult` with the folders, the held-out accuracies and the wall-clock seconds per stage.
+    """
+    config = config or ToyPairConfig()
+    if overrides:
+        values = {**config.to_dict(), **overrides}
+        config = ToyPairConfig(**values)
+    out_dir = os.fspath(out_dir)
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    dtype = SAVE_DTYPES[config.save_dtype]
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+
+    tokenizer = build_toy_tokenizer()
+    torch.manual_seed(config.seed)
+    model = make_toy_model(config, tokenizer)
+    logger.info("toy model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+
+    t0 = time.perf_counter()
+    sft_losses = train_base(model, tokenizer, config, progress)
+    _round_weights(model, dtype)
+    seconds["sft"] = time.perf_counter() - t0
+
+    eval_set = held_out_problems(config)
+    t0 = time.perf_counter()
+    base_acc = evaluate_toy_model(model, tokenizer, eval_set, config.eval_seed, config.max_completion_length)
+    seconds["eval"] = time.perf_counter() - t0
+    logger.info("base held-out accuracy: %s", base_acc)
+    if progress is not None:
+        progress("eval", 1, 2)
+
+    common = {
+        "config": config.to_dict(),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "eval_problems": len(eval_set),
+        "torch": torch.__version__,
+        "num_threads": torch.get_num_threads(),
+    }
+    base_dir, rl_dir = os.path.join(out_dir, "base"), os.path.join(out_dir, "rl")
+    base_info = {**common, "role": "base", "accuracy": base_acc, "final_sft_loss": sft_losses[-1]}
+    _save(model, tokenizer, base_dir, dtype, base_info)
+
+    t0 = time.perf_counter()
+    torch.manual_seed(config.seed)
+    if config.rl_steps > 0:
+        log_history = train_rl(model, tokenizer, config, os.path.join(out_dir, "rl_trainer"), progress)
+    else:
+        log_history = []
+    _round_weights(model, dtype)
+    seconds["rl"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rl_acc = evaluate_toy_model(model, tokenizer, eval_set, config.eval_seed, config.max_completion_length)
+    seconds["eval"] += time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - start
+    logger.info("rl held-out accuracy: %s", rl_acc)
+    if progress is not None:
+        progress("eval", 2, 2)
+
+    rewards = [entry["reward"] for entry in log_history if "reward" in entry]
+    rl_info = {
+        **common,
+        "role": "rl",
+        "accuracy": rl_acc,
+        "base_accuracy": base_acc,
+        "rl_rewards": rewards,
+        "seconds": seconds,
+    }
+    _save(model, tokenizer, rl_dir, dtype, rl_info)
+    return ToyPairResult(base_dir, rl_dir, {"base": base_acc, "rl": rl_acc}, seconds)
