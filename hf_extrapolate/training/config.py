@@ -85,7 +85,7 @@ class ReweightingConfig:
         default=0.5,
         metadata={
             "help": "A response token counts as low-probability when p_old < low_prob_threshold; only used for the "
-            "logged share `reweight/low_prob_frac` (0.5 is the split eta of Yang et al.'s Lopti)."
+            "logged share `reweight/low_prob_frac` (Yang et al.'s Lopti splits tokens at eta = 0.4 in its script)."
         },
     )
 
