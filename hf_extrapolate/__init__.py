@@ -6,14 +6,15 @@ Implements "On the Direction of RLVR Updates for LLM Reasoning: Identification a
 
 from .config import CRITERIA, PROPOSALS, ExtrapolationConfig
 from .directional import directional_logprobs, directional_step
+from .modeling import DirectionalModelForCausalLM
 from .processor import DirectionalLogitsProcessor
 from .reference import ReferenceModel
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "CRITERIA",
     "DirectionalLogitsProcessor",
+    "DirectionalModelForCausalLM",
     "ReferenceModel",
     "PROPOSALS",
     "ExtrapolationConfig",

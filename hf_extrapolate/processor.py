@@ -23,7 +23,7 @@ from transformers import LogitsProcessor
 from .config import ExtrapolationConfig
 from .directional import directional_step_with_replacement
 from .distributions import NEG_INF
-from .reference import ReferenceModel
+from .reference import ReferenceModel, ReferencePolicy
 from .statistics import ReplacementStats
 
 logger = logging.getLogger(__name__)
@@ -77,8 +77,9 @@ class DirectionalLogitsProcessor(LogitsProcessor):
     (`num_beams > 1`) it returns `log q`.
 
     Args:
-        base_model (`PreTrainedModel` or `ReferenceModel`):
+        base_model (`PreTrainedModel` or `ReferencePolicy`):
             The base (pre-RLVR) causal LM sharing the RL model's tokenizer; any device and dtype (math is fp32).
+            A `ReferencePolicy` (e.g. a configured `ReferenceModel`) is used as given.
         config (`ExtrapolationConfig` or `dict`, *optional*):
             What to compute; keyword `overrides` (`criterion=`, `gamma=`, ...) replace its fields.
         attention_mask (`torch.Tensor` of shape `(batch, prompt_length)`, *optional*):
@@ -128,7 +129,7 @@ class DirectionalLogitsProcessor(LogitsProcessor):
             raise TypeError(f"`do_sample` (={do_sample!r}) must be a bool: the do_sample of your generate call.")
         if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
             raise ValueError(f"`vocab_size` (={vocab_size!r}) must be a positive int, e.g. len(tokenizer).")
-        if isinstance(base_model, ReferenceModel):
+        if isinstance(base_model, ReferencePolicy):
             if attention_mask is not None:
                 base_model.reset(attention_mask)
             self.reference = base_model

@@ -65,7 +65,32 @@ def check_causal_lm(model: Any, name: str = "base_model") -> None:
         )
 
 
-class ReferenceModel:
+class ReferencePolicy:
+    """What `DirectionalLogitsProcessor` needs from the source of base-model logits.
+
+    `__call__(input_ids (R, T)) -> (R, V)` fp32 logits of the base distribution after the T tokens of every row, on
+    `input_ids.device`. After a call, `started_generation` says whether it began a new generation, `last_reorder` is
+    the beam index applied to the rows (or None) and `ids` the tokens seen. `ReferenceModel` runs a separate model;
+    `hf_extrapolate.peft_pair.FusedLoRAReference` reads the base half of a fused LoRA forward.
+    """
+
+    model: torch.nn.Module
+    num_beams: int = 1
+    started_generation: bool = False
+    last_reorder: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset(self, attention_mask: torch.Tensor | None = None) -> None:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise if the state fell out of step with generate (default: nothing to check)."""
+
+
+class ReferenceModel(ReferencePolicy):
     """Run `model` on exactly the tokens generate has produced, one forward per step, with its own KV cache.
 
     Args:

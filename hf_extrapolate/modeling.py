@@ -1,0 +1,368 @@
+"""`DirectionalModelForCausalLM`: an RL model and its base as one generating model.
+
+```python
+model = DirectionalModelForCausalLM.from_pretrained("rl-model", base_model="base-model",
+                                                    extrapolation_config=ExtrapolationConfig(gamma=0.1))
+out = model.generate(**inputs, do_sample=True, top_p=0.7, max_new_tokens=512)
+```
+
+`generate()` takes every argument of transformers' `generate` and runs it on the RL model with a
+`DirectionalLogitsProcessor` appended to the logits processors. It passes the attention mask, `do_sample` and
+`num_beams` to the processor, moves the resolved temperature / top-k / top-p inside (they warp each component) and
+keeps the outer warpers neutral, so the sampling settings are written once, as with any HF model. The replacement
+statistics come back on the output (`out.replace_ratio` with `return_dict_in_generate=True`) and on the model
+(`model.last_replace_ratio`).
+
+The base model is not a submodule (its weights are neither saved nor moved with the RL model) and is reachable as
+`model.reference_model`; `model.base_model` keeps its transformers meaning. A PEFT LoRA adapter is paired with its
+own base in one process (`from_pretrained(adapter_dir)` / `from_peft(peft_model)`): see `hf_extrapolate.peft_pair`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, LogitsProcessorList
+
+from .version import __version__
+from .config import CONFIG_NAME, ExtrapolationConfig
+from .peft_pair import FusedLoRAReference, _tuner_layers, adapter_disabled, check_pairable, fused_unsupported_reason
+from .processor import DirectionalLogitsProcessor
+from .reference import ReferenceModel, check_causal_lm
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+# warpers applied inside (per component); everything else is refused rather than silently applied to the mixture
+INNER_WARPERS = ("temperature", "top_k", "top_p")
+UNSUPPORTED_WARPERS = {"min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
+STRATEGIES = ("auto", "fused", "fallback")
+
+
+def _is_dir_with(path: Any, name: str) -> bool:
+    return isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, name))
+
+
+class DirectionalModelForCausalLM(torch.nn.Module, GenerationMixin):
+    """An RL-tuned causal LM generating with selective replacement / extrapolation against its base model.
+
+    Args:
+        rl_model (`PreTrainedModel` or `PeftModel`): the model that generates (its forward is this model's forward).
+        base_model (`PreTrainedModel`, *optional*): the base model. Omit it when `rl_model` is a PEFT model: the
+            base is then the same weights with the adapter off.
+        extrapolation_config (`ExtrapolationConfig`, *optional*): defaults to `ExtrapolationConfig()`. Its
+            temperature / top-k / top-p, if set, become this model's default sampling settings.
+        lora_strategy (`str`, defaults to `"auto"`): for a PEFT pair, `"fused"`, `"fallback"` or `"auto"` (fused
+            where PEFT allows it).
+        base_model_name_or_path (`str`, *optional*): what `save_pretrained` records to restore the base.
+        vocab_size (`int`, *optional*): the tokenizer's size, when the two models' embedding matrices are padded
+            differently (recorded automatically by `from_pretrained` when the checkpoints ship a tokenizer).
+    """
+
+    def __init__(
+        self,
+        rl_model: Any,
+        base_model: Any | None = None,
+        extrapolation_config: ExtrapolationConfig | None = None,
+        *,
+        lora_strategy: str = "auto",
+        base_model_name_or_path: str | None = None,
+        vocab_size: int | None = None,
+    ):
+        super().__init__()
+        check_causal_lm(rl_model, "rl_model")
+        if lora_strategy not in STRATEGIES:
+            raise ValueError(f"`lora_strategy` (={lora_strategy!r}) must be one of {STRATEGIES}.")
+        is_peft = hasattr(rl_model, "peft_config")
+        if base_model is None:
+            if not is_peft:
+                raise ValueError(
+                    "`base_model` is required unless `rl_model` is a PEFT model: pass the base checkpoint "
+                    "(`base_model=`) or pair a LoRA adapter with `from_peft(peft_model)`."
+                )
+            check_pairable(rl_model)
+        else:
+            check_causal_lm(base_model, "base_model")
+        if extrapolation_config is None:
+            extrapolation_config = ExtrapolationConfig()
+        if not isinstance(extrapolation_config, ExtrapolationConfig):
+            raise TypeError(
+                f"`extrapolation_config` must be an ExtrapolationConfig, got {type(extrapolation_config).__name__}."
+            )
+        self.rl_model = rl_model
+        # not a submodule: the base weights are neither saved, counted nor moved with the RL model
+        object.__setattr__(self, "_reference_model", base_model)
+        self.extrapolation_config = extrapolation_config
+        self.lora_strategy = lora_strategy
+        self.vocab_size = vocab_size
+        self.is_lora_pair = base_model is None
+        self.base_model_name_or_path = base_model_name_or_path or (
+            getattr(base_model, "name_or_path", None) if base_model is not None else None
+        )
+        self.generation_config = copy.deepcopy(getattr(rl_model, "generation_config", None) or GenerationConfig())
+        defaults = ExtrapolationConfig()
+        for name in INNER_WARPERS:  # the config's warpers are the model's default sampling settings
+            if getattr(extrapolation_config, name) != getattr(defaults, name):
+                setattr(self.generation_config, name, getattr(extrapolation_config, name))
+        self.last_replace_ratio: torch.Tensor | None = None
+        self.last_processor: DirectionalLogitsProcessor | None = None
+
+    # ------------------------------------------------------------------ transformers-like surface
+    @property
+    def reference_model(self) -> Any:
+        """The base model (for a LoRA pair: the PEFT model itself, run with its adapter off)."""
+        return self._reference_model if self._reference_model is not None else self.rl_model
+
+    @property
+    def config(self):
+        return self.rl_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.rl_model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rl_model.dtype
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    def get_input_embeddings(self):
+        return self.rl_model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.rl_model.get_output_embeddings()
+
+    def forward(self, *args, **kwargs):
+        """The RL model's forward."""
+        return self.rl_model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ loading / saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        base_model: str | os.PathLike | Any | None = None,
+        extrapolation_config: ExtrapolationConfig | None = None,
+        base_model_kwargs: dict | None = None,
+        lora_strategy: str = "auto",
+        check_tokenizers: bool = True,
+        **kwargs: Any,
+    ) -> DirectionalModelForCausalLM:
+        """Load an RL model with its base.
+
+        - `from_pretrained(rl, base_model=base)`: `base` is a hub id / path (loaded with the same `kwargs`, plus
+          `base_model_kwargs`) or a loaded model (used as is).
+        - `from_pretrained(saved_pair_dir)`: a folder written by `save_pretrained` restores the pair.
+        - `from_pretrained(lora_adapter_dir)`: a folder with `adapter_config.json`; its base is loaded once (from
+          the adapter config, or `base_model=`) and serves both distributions.
+        Usual `from_pretrained` kwargs (`torch_dtype`, `device_map`, ...) reach both models.
+        """
+        path = pretrained_model_name_or_path
+        saved = None
+        if _is_dir_with(path, CONFIG_NAME):
+            with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
+                saved = json.load(f)
+            if extrapolation_config is None:
+                extrapolation_config = ExtrapolationConfig.from_dict(saved["extrapolation_config"])
+            if base_model is None:
+                base_model = saved.get("base_model_name_or_path")
+            lora_strategy = saved.get("lora_strategy", lora_strategy) if lora_strategy == "auto" else lora_strategy
+
+        if _is_dir_with(path, ADAPTER_CONFIG_NAME):
+            from peft import PeftConfig, PeftModel
+
+            peft_cfg = PeftConfig.from_pretrained(path)
+            base_src = base_model if base_model is not None else peft_cfg.base_model_name_or_path
+            if base_src is None:
+                raise ValueError(f"{path}/{ADAPTER_CONFIG_NAME} names no base model; pass `base_model=`.")
+            base = cls._load(base_src, kwargs, base_model_kwargs)
+            peft_model = PeftModel.from_pretrained(base, path).eval()
+            return cls.from_peft(peft_model, extrapolation_config, lora_strategy=lora_strategy)
+
+        if base_model is None:
+            raise ValueError(
+                f"`base_model` is required to load {path!s}: pass the base checkpoint (hub id, path or loaded model), "
+                f"or load a folder written by `save_pretrained` (it has {CONFIG_NAME}) or a LoRA adapter folder."
+            )
+        vocab_size = None
+        if check_tokenizers and isinstance(base_model, (str, os.PathLike)):
+            vocab_size = check_same_tokenizer(path, base_model)
+        rl = AutoModelForCausalLM.from_pretrained(path, *model_args, **kwargs)
+        base = cls._load(base_model, kwargs, base_model_kwargs)
+        name = str(base_model) if isinstance(base_model, (str, os.PathLike)) else None
+        return cls(
+            rl, base, extrapolation_config, lora_strategy=lora_strategy, base_model_name_or_path=name,
+            vocab_size=vocab_size,
+        )
+
+    @staticmethod
+    def _load(source: Any, kwargs: dict, extra: dict | None) -> Any:
+        if isinstance(source, (str, os.PathLike)):
+            return AutoModelForCausalLM.from_pretrained(source, **{**kwargs, **(extra or {})})
+        return source
+
+    @classmethod
+    def from_peft(
+        cls, peft_model: Any, extrapolation_config: ExtrapolationConfig | None = None, *, lora_strategy: str = "auto"
+    ) -> DirectionalModelForCausalLM:
+        """Pair a loaded PEFT model with its own base (the same weights, adapter off)."""
+        check_pairable(peft_model)
+        cfg = next(iter(peft_model.peft_config.values()))
+        return cls(
+            peft_model, None, extrapolation_config, lora_strategy=lora_strategy,
+            base_model_name_or_path=getattr(cfg, "base_model_name_or_path", None),
+        )
+
+    @classmethod
+    def from_models(
+        cls, rl_model: Any, base_model: Any, extrapolation_config: ExtrapolationConfig | None = None, **kwargs: Any
+    ) -> DirectionalModelForCausalLM:
+        """Pair two loaded models (neither is modified)."""
+        return cls(rl_model, base_model, extrapolation_config, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write the RL weights (or the LoRA adapter) and `extrapolation_config.json`; never the base weights."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.rl_model.save_pretrained(save_directory, **kwargs)
+        if not self.base_model_name_or_path:
+            logger.warning(
+                "The base model has no name or path to record: pass `base_model=` when loading %s.", save_directory
+            )
+        record = {
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "extrapolation_config": self.extrapolation_config.to_dict(),
+            "hf_extrapolate_version": __version__,
+            "lora_pair": self.is_lora_pair,
+            "lora_strategy": self.lora_strategy,
+        }
+        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    # ------------------------------------------------------------------ generation
+    def _resolve_generation_config(self, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+        gen = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        model_kwargs = gen.update(**kwargs)
+        for key in list(kwargs):
+            if key not in model_kwargs:
+                del kwargs[key]
+        return gen
+
+    def _strategy(self, gen: GenerationConfig, assistant: bool) -> str:
+        if not self.is_lora_pair:
+            return "separate"
+        reason = fused_unsupported_reason(self.rl_model, num_beams=gen.num_beams or 1, assistant=assistant)
+        if self.lora_strategy == "fused" and reason is not None:
+            raise ValueError(f"lora_strategy='fused' is not possible here: {reason}. Use 'auto' or 'fallback'.")
+        if self.lora_strategy == "fallback" or reason is not None:
+            if reason is not None:
+                logger.info("LoRA pair: using the fallback strategy because %s.", reason)
+            return "fallback"
+        return "fused"
+
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        extrapolation_config: ExtrapolationConfig | None = None,
+        **kwargs: Any,
+    ):
+        """transformers' `generate` on the RL model with the directional processor; `extrapolation_config=`
+        overrides the model's config for this call. Returns what `generate` returns; with
+        `return_dict_in_generate=True` the output also carries `replace_ratio` (rows,) and
+        `replaced_token_probability` (rows, new tokens)."""
+        cfg = extrapolation_config if extrapolation_config is not None else self.extrapolation_config
+        if not isinstance(cfg, ExtrapolationConfig):
+            raise TypeError(f"`extrapolation_config` must be an ExtrapolationConfig, got {type(cfg).__name__}.")
+        gen = self._resolve_generation_config(generation_config, kwargs)
+        for name, neutral in UNSUPPORTED_WARPERS.items():
+            if getattr(gen, name, neutral) not in (neutral, None):
+                raise ValueError(
+                    f"`{name}` (={getattr(gen, name)}) is not supported with directional generation: only temperature, "
+                    "top_k and top_p are applied inside each component. Unset it."
+                )
+        do_sample = bool(gen.do_sample)
+        num_beams = gen.num_beams or 1
+        inner = {
+            "temperature": float(gen.temperature) if do_sample and gen.temperature is not None else 1.0,
+            "top_k": int(gen.top_k) if do_sample and gen.top_k else 0,
+            "top_p": float(gen.top_p) if do_sample and gen.top_p is not None else 1.0,
+        }
+        cfg = cfg.replace(**inner)
+        if do_sample:  # the warpers act inside, per component; the outer ones must be neutral
+            gen.temperature, gen.top_k, gen.top_p = 1.0, 0, 1.0
+
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None and isinstance(input_ids, torch.Tensor):
+            attention_mask = self._infer_attention_mask(input_ids, gen)
+            if attention_mask is not None:
+                kwargs["attention_mask"] = attention_mask
+        assistant = kwargs.get("assistant_model") is not None or gen.prompt_lookup_num_tokens is not None
+        strategy = self._strategy(gen, assistant)
+        if strategy == "separate":
+            reference = ReferenceModel(self._reference_model, attention_mask, num_beams=num_beams)
+        elif strategy == "fallback":
+            layers = _tuner_layers(self.rl_model)
+            reference = ReferenceModel(
+                self.rl_model, attention_mask, num_beams=num_beams, forward_context=lambda: adapter_disabled(layers)
+            )
+        else:
+            reference = FusedLoRAReference(self.rl_model)
+        processor = DirectionalLogitsProcessor(
+            reference, cfg, do_sample=do_sample, eos_token_id=gen.eos_token_id,
+            vocab_size=self.vocab_size,
+        )
+        processors = LogitsProcessorList(list(logits_processor or []) + [processor])
+        context = reference.fused_forward() if strategy == "fused" else contextlib.nullcontext()
+        with context:
+            out = self.rl_model.generate(inputs, generation_config=gen, logits_processor=processors, **kwargs)
+        self.last_processor = processor
+        sequences = getattr(out, "sequences", out)
+        rows_match = sequences.shape[0] == processor.stats.mass.shape[0] if processor.stats.mass is not None else False
+        ratio = processor.replace_ratio(sequences if rows_match else None)
+        self.last_replace_ratio = ratio
+        if gen.return_dict_in_generate:
+            out["replace_ratio"] = ratio
+            if rows_match:
+                out["replaced_token_probability"] = processor.replaced_token_probability(sequences)
+        return out
+
+    def _infer_attention_mask(self, input_ids: torch.Tensor, gen: GenerationConfig) -> torch.Tensor | None:
+        """transformers' rule: padding tokens are masked when the pad token is not also the EOS token."""
+        pad, eos = gen.pad_token_id, gen.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if pad is None or pad in eos or not bool((input_ids == pad).any()):
+            return None
+        return (input_ids != pad).long()
+
+
+
+def check_same_tokenizer(rl_path: Any, base_path: Any) -> int | None:
+    """Raise `ValueError` when both checkpoints ship tokenizers and they differ; return the tokenizer's size."""
+    from transformers import AutoTokenizer
+
+    try:
+        rl_tok = AutoTokenizer.from_pretrained(rl_path)
+        base_tok = AutoTokenizer.from_pretrained(base_path)
+    except (OSError, ValueError, TypeError) as err:
+        logger.info("Tokenizer check skipped (%s).", err)
+        return None
+    if rl_tok.get_vocab() != base_tok.get_vocab():
+        raise ValueError(
+            f"The RL model ({rl_path}) and the base model ({base_path}) ship different tokenizers; the method compares "
+            "token log-probs and needs one tokenizer for both. Pass the base the RL model was trained from, or "
+            "`check_tokenizers=False` if you are sure the ids mean the same tokens."
+        )
+    return len(rl_tok)
