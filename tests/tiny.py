@@ -50,3 +50,22 @@ def left_padded_batch(lengths: list[int], seed: int = 0, vocab_size: int = VOCAB
         ids[i, width - n:] = torch.randint(3, vocab_size, (n,), generator=g)
         mask[i, width - n:] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def tiny_tokenizer(vocab_size: int = VOCAB, shift: int = 0):
+    """A word-level tokenizer over `vocab_size` tokens: <pad>, <bos>, <eos>, then w3, w4, ... (ids = positions).
+
+    `shift` renames the words (same size, different tokens) to build a mismatching tokenizer.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<bos>": 1, "<eos>": EOS}
+    for i in range(3, vocab_size):
+        vocab[f"w{i + shift}"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", padding_side="left",
+        chat_template="{% for m in messages %}{{ m['content'] }} {% endfor %}",
+    )
