@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, LogitsProcessorList
 
-from .version import __version__
 from .config import CONFIG_NAME, ExtrapolationConfig
 from .peft_pair import FusedLoRAReference, _tuner_layers, adapter_disabled, check_pairable, fused_unsupported_reason
 from .processor import DirectionalLogitsProcessor
 from .reference import ReferenceModel, check_causal_lm
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
