@@ -1,0 +1,275 @@
+"""`hf-extrapolate eval`: math evaluation of base, RL, selective replacement and extrapolation on the same prompts.
+
+Also holds the options and loaders that `analyze` and `sweep` share. Data parallel: `accelerate launch -m
+hf_extrapolate.cli eval ...` deals batches to the processes and merges their records into `--output`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..config import CRITERIA, PROPOSALS
+from . import CLIError
+
+logger = logging.getLogger(__name__)
+
+MODES = ("base", "rl", "replace", "extrapolate")
+
+
+# ---------------------------------------------------------------------------------------------- shared options
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("--model", default=None, help="the RL model: a folder or hub id for from_pretrained")
+    group.add_argument("--base", default=None, help="the base model it was trained from (same tokenizer)")
+    group.add_argument("--adapter", default=None,
+                       help="LoRA adapter folder: the RL model is the base model with this adapter merged in "
+                       "(--base defaults to the adapter's base model)")
+    group.add_argument("--tokenizer", default=None, help="tokenizer folder or id (default: --model / --adapter)")
+    group.add_argument("--device", default=None,
+                       help="cpu, cuda, cuda:1, ... (default: the process's accelerator under accelerate launch, else "
+                       "cuda when available, else cpu)")
+    group.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="weights dtype (default auto: the checkpoint's on accelerators, float32 on cpu)")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", nargs="+", required=True, metavar="JSONL",
+                       help="problem files with 'problem' and 'answer' per line, e.g. ../shared/data/aime24.jsonl")
+    group.add_argument("--limit", type=int, default=None, help="use the first N problems of each file")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int = 1024) -> None:
+    group = parser.add_argument_group("sampling (the same for every mode)")
+    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                       help=f"response length limit (default: {max_new_tokens})")
+    group.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0, off)")
+    group.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: 0, off)")
+    group.add_argument("--num-return-sequences", "-k", type=int, default=1, dest="num_return_sequences",
+                       help="samples per problem: the k of Avg@k, Pass@k up to k (default: 1)")
+    group.add_argument("--seed", type=int, default=0, help="seed; batches are seeded alike in every mode (default: 0)")
+    group.add_argument("--batch-size", type=int, default=8, help="problems per generate call (default: 8)")
+    group.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                       help="wrap the prompt in the tokenizer's chat template (default: when the tokenizer has one); "
+                       "--no-chat-template for raw prompts to base models")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, criterion: bool = True, gamma: bool = True) -> None:
+    group = parser.add_argument_group("directional decoding")
+    if criterion:
+        group.add_argument("--criterion", default="logp_diff", choices=CRITERIA,
+                           help="replacement criterion (default: logp_diff)")
+        group.add_argument("--threshold", type=float, default=-0.3, help="tau of the criterion (default: -0.3)")
+    if gamma:
+        group.add_argument("--gamma", type=float, default=0.0,
+                           help="extrapolation strength of the extrapolate mode; the paper uses 0.05-0.1 (default: 0)")
+    group.add_argument("--proposal", default="base", choices=PROPOSALS,
+                       help="proposal model of the extrapolate mode (default: base)")
+    group.add_argument("--candidate-top-k", type=int, default=None,
+                       help="restrict the replacement distribution to the proposal's top-k tokens (default: off)")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--output", required=True, help="result file (JSON Lines); an existing one is resumed")
+    group.add_argument("--overwrite", action="store_true", help="start again instead of resuming --output")
+    group.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots to DIR")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+def process_state(args: argparse.Namespace) -> Any:
+    """The `accelerate` process state (a single process without `accelerate launch`)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=args.device == "cpu")
+
+
+def load_pair(args: argparse.Namespace, state: Any = None) -> tuple[Any, Any, Any]:
+    """`(rl_model, base_model, tokenizer)` from `--model` / `--adapter`, `--base`, `--tokenizer`, on `--device`.
+
+    Also resolves `--chat-template` (None: use the tokenizer's template when it has one).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.adapter is None and (args.model is None or args.base is None):
+        raise CLIError("give --model RL and --base BASE, or --adapter LORA_DIR (with --base if the adapter does not "
+                       "name its base model)")
+    for path, flag in ((args.model, "--model"), (args.base, "--base"), (args.adapter, "--adapter")):
+        if path is not None and (path.startswith((".", "/")) or os.sep in path) and not os.path.exists(path):
+            raise CLIError(f"{flag} {path}: no such folder")
+    if state is not None and getattr(state, "num_processes", 1) > 1 and args.device in (None, "cuda"):
+        device = state.device  # one accelerator per process
+    elif args.device is not None:
+        device = torch.device(args.device)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype != "auto":
+        dtype: Any = getattr(torch, args.dtype)
+    else:
+        dtype = torch.float32 if device.type == "cpu" else "auto"
+
+    def load(path: str) -> Any:
+        logger.info("loading %s on %s", path, device)
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except OSError as err:
+            raise CLIError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
+
+    base_path = args.base
+    if args.adapter is not None:
+        from peft import PeftConfig, PeftModel
+
+        base_path = base_path or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
+        rl_model = PeftModel.from_pretrained(load(base_path), args.adapter).merge_and_unload()
+    else:
+        rl_model = load(args.model)
+    base_model = load(base_path)
+    tokenizer = None
+    for candidate in (args.tokenizer, args.model, args.adapter, base_path):
+        if candidate is None:
+            continue
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(candidate)
+            break
+        except (OSError, ValueError, TypeError):
+            if candidate == args.tokenizer:
+                raise
+    if tokenizer is None:
+        raise CLIError("no tokenizer found with the models; pass --tokenizer")
+    if args.chat_template is None:
+        args.chat_template = bool(getattr(tokenizer, "chat_template", None))
+    return rl_model.to(device).eval(), base_model.to(device).eval(), tokenizer
+
+
+def load_problems_arg(args: argparse.Namespace) -> list:
+    from ..evaluation import load_datasets
+
+    return load_datasets(args.data, limit=args.limit)
+
+
+def settings_from(args: argparse.Namespace) -> Any:
+    from ..evaluation import GenerationSettings
+
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        num_samples=args.num_return_sequences, seed=args.seed, batch_size=args.batch_size,
+        chat_template=args.chat_template,
+    )
+
+
+def progress_bar(desc: str, enabled: bool) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """A `progress(done, total)` callback drawing a tqdm bar on stderr, and a function that closes it."""
+    bar: list[Any] = []
+
+    def update(done: int, total: int) -> None:
+        if not enabled:
+            return
+        if not bar:
+            from tqdm.auto import tqdm
+
+            bar.append(tqdm(total=total, desc=desc, unit="batch", file=sys.stderr))
+        bar[0].total = total
+        bar[0].n = done
+        bar[0].refresh()
+
+    def close() -> None:
+        if bar:
+            bar[0].close()
+
+    return update, close
+
+
+def summary_path(output: str) -> Path:
+    path = Path(output)
+    stem = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+    return path.with_name(stem + ".summary.json")
+
+
+def run_and_report(args: argparse.Namespace, rl_model, base_model, tokenizer, problems, modes, state, extra=None) -> int:
+    """Evaluate `modes`, then (main process) write the summary JSON, the plots and print the table."""
+    from ..evaluation import evaluate, format_summary, summarize
+
+    update, close = progress_bar(args.command, not args.no_progress and state.is_main_process)
+    try:
+        records = evaluate(
+            rl_model, base_model, tokenizer, problems, modes, settings_from(args), output=args.output,
+            resume=not args.overwrite, state=state, progress=update,
+        )
+    finally:
+        close()
+    if not state.is_main_process:
+        return 0
+    rows = summarize(records)
+    summary = {"output": str(args.output), "summary": rows, **(extra or {})}
+    path = summary_path(args.output)
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if args.plots:
+        from ..evaluation import plot_accuracy_vs_ratio, plot_problem_heatmap
+
+        plot_accuracy_vs_ratio(rows, Path(args.plots) / "accuracy_vs_ratio.png")
+        plot_problem_heatmap(records, Path(args.plots) / "per_problem_accuracy.png")
+    sys.stdout.write(format_summary(rows))
+    sys.stdout.write(f"records: {args.output}\nsummary: {path}\n" + (f"plots: {args.plots}\n" if args.plots else ""))
+    return 0
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {} if args.candidate_top_k is None else {"candidate_top_k": args.candidate_top_k}
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="math evaluation (Avg@k, Pass@k) of base, RL, replacement and extrapolation",
+        description="Sample every problem k times in each mode on the same prompts and seeds, check the last "
+        "\\boxed{} with Math-Verify, and report Avg@k, Pass@k, response length and replacement ratio. Records go "
+        "to --output (JSON Lines, resumed if it exists); the summary to <output>.summary.json. "
+        "Data parallel: accelerate launch -m hf_extrapolate.cli eval ...",
+    )
+    add_model_arguments(parser)
+    add_data_arguments(parser)
+    parser.add_argument("--modes", nargs="+", default=["base", "rl", "replace"], choices=MODES,
+                        help="modes to run: base, rl, replace (criterion + threshold, gamma 0), extrapolate "
+                        "(criterion + threshold + gamma > 0 + proposal) (default: base rl replace)")
+    add_config_arguments(parser)
+    add_sampling_arguments(parser)
+    add_output_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def build_modes(args: argparse.Namespace) -> list:
+    from ..evaluation import EvalMode
+
+    modes = []
+    for name in dict.fromkeys(args.modes):
+        if name == "base":
+            modes.append(EvalMode.base())
+        elif name == "rl":
+            modes.append(EvalMode.rl())
+        elif name == "replace":
+            modes.append(EvalMode.replace(args.criterion, args.threshold, **config_overrides(args)))
+        else:
+            if args.gamma <= 0:
+                raise CLIError(f"--modes extrapolate needs --gamma > 0 (got {args.gamma}); the paper uses 0.05-0.1.")
+            modes.append(EvalMode.extrapolate(args.criterion, args.threshold, args.gamma, args.proposal,
+                                              **config_overrides(args)))
+    return modes
+
+
+def run(args: argparse.Namespace) -> int:
+    problems = load_problems_arg(args)
+    modes = build_modes(args)
+    state = process_state(args)
+    rl_model, base_model, tokenizer = load_pair(args, state)
+    return run_and_report(args, rl_model, base_model, tokenizer, problems, modes, state)

@@ -1,0 +1,183 @@
+"""Pure evaluation parts: Pass@k, answer extraction and verification, summaries, data files and prompts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from hf_extrapolate.evaluation import (
+    build_prompt,
+    default_ks,
+    extract_boxed,
+    format_summary,
+    is_correct,
+    load_datasets,
+    load_problems,
+    pass_at_k,
+    per_problem_accuracy,
+    summarize,
+)
+
+SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
+
+
+def brute_force_pass_at_k(n: int, c: int, k: int) -> Fraction:
+    """Fraction of the k-subsets of n samples (the first c correct) that hold a correct sample."""
+    subsets = list(itertools.combinations(range(n), k))
+    return Fraction(sum(any(i < c for i in s) for s in subsets), len(subsets))
+
+
+def test_pass_at_k_matches_subset_enumeration():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(float(brute_force_pass_at_k(n, c, k)), abs=1e-15)
+
+
+def test_pass_at_1_is_the_fraction_correct_and_large_n_is_stable():
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(1024, 1, 1024) == 1.0
+    assert 0.0 < pass_at_k(1024, 1, 1) < pass_at_k(1024, 1, 512) < 1.0
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "match"),
+    [(0, 0, 1, "`n`"), (4, 5, 1, "`c`"), (4, 1, 5, "`k`"), (4, 1, 0, "`k`"), (4, -1, 1, "`c`")],
+)
+def test_pass_at_k_rejects_impossible_counts(n, c, k, match):
+    with pytest.raises(ValueError, match=match):
+        pass_at_k(n, c, k)
+
+
+def test_pass_at_k_rejects_non_integers():
+    with pytest.raises(TypeError, match="`k`"):
+        pass_at_k(4, 1, 1.0)
+
+
+EXTRACTION = [
+    ("The answer is \\boxed{42}.", "42"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("first \\boxed{1} then \\boxed{2}", "2"),
+    ("nested \\boxed{\\sqrt{\\frac{a}{b}}} end", "\\sqrt{\\frac{a}{b}}"),
+    ("set \\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+    ("\\fbox{7}", "7"),
+    ("$\\boxed 5$", "5"),
+    ("\\boxed{ x = 3 }", "x = 3"),
+    ("cut off: \\boxed{3} and then \\boxed{\\frac{1", "3"),
+    ("\\boxedfoo{3}", None),
+    ("no box at all: 17", None),
+    ("", None),
+    ("\\boxed{}", ""),
+    ("\\boxed {12}", "12"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), EXTRACTION)
+def test_extract_boxed_table(text, expected):
+    assert extract_boxed(text) == expected
+
+
+VERIFICATION = [
+    ("\\frac{1}{2}", "\\frac{1}{2}", True),
+    ("\\frac12", "\\frac{1}{2}", True),
+    ("0.5", "\\frac{1}{2}", True),
+    ("1/2", "0.5", True),
+    ("\\dfrac{3}{4}", "0.75", True),
+    ("(0,1]", "(0, 1]", True),
+    ("[0,1)", "(0,1]", False),
+    ("5 \\text{ cm}", "5", True),
+    ("30^\\circ", "30", True),
+    ("\\text{(B)}", "B", True),
+    ("\\text{Evelyn}", "\\text{Evelyn}", True),
+    ("x = 3", "3", True),
+    ("1,000", "1000", True),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+    ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}", True),
+    ("-2", "2", False),
+    ("3", "18", False),
+    ("\\pi", "3.14159", False),
+    (None, "3", False),
+    ("", "3", False),
+]
+
+
+@pytest.mark.parametrize(("prediction", "reference", "expected"), VERIFICATION)
+def test_is_correct_table(prediction, reference, expected):
+    assert is_correct(prediction, reference) is expected
+
+
+def _record(mode, problem, sample, correct, length=10, ratio=0.0, dataset="d"):
+    return {"mode": mode, "dataset": dataset, "problem_id": problem, "sample": sample, "correct": correct,
+            "length": length, "replace_ratio": ratio, "kind": "base", "criterion": None, "threshold": None,
+            "gamma": None, "proposal": None}
+
+
+def test_summary_avg_pass_length_and_ratio():
+    # p1: 1 of 4 correct, p2: 4 of 4 correct
+    records = [_record("m", "p1", s, s == 0, length=10 * (s + 1), ratio=0.1) for s in range(4)]
+    records += [_record("m", "p2", s, True, length=5, ratio=0.3) for s in range(4)]
+    (row,) = summarize(records)
+    assert row["problems"] == 2 and row["samples_per_problem"] == 4
+    assert row["avg_at_k"] == pytest.approx(5 / 8)
+    assert row["pass_at_k"] == {
+        "1": pytest.approx((0.25 + 1) / 2), "2": pytest.approx((0.5 + 1) / 2), "4": pytest.approx(1.0)
+    }
+    assert row["mean_length"] == pytest.approx((10 + 20 + 30 + 40 + 4 * 5) / 8)
+    assert row["replace_ratio"] == pytest.approx(0.2)
+    assert per_problem_accuracy(records) == {("m", "d"): {"p1": 0.25, "p2": 1.0}}
+    table = format_summary([row])
+    assert "| d | m | 2 | 4 | 62.5 | 62.5 | 75.0 | 100.0 | 15 | 20.0% |" in table
+
+
+def test_default_ks_are_powers_of_two_and_n():
+    assert default_ks(1) == [1]
+    assert default_ks(6) == [1, 2, 4, 6]
+    assert default_ks(8) == [1, 2, 4, 8]
+
+
+def test_load_problems_and_errors(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n\n" + json.dumps(
+        {"id": "x", "problem": "2+2?", "answer": 4}) + "\n")
+    problems = load_problems(path)
+    assert [(p.dataset, p.problem_id, p.index, p.answer) for p in problems] == [("mine", "mine-0", 0, "2"),
+                                                                                ("mine", "x", 1, "4")]
+    assert len(load_problems(path, limit=1)) == 1
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_problems(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "?"}) + "\n")
+    with pytest.raises(ValueError, match="lacks"):
+        load_problems(bad)
+    with pytest.raises(ValueError, match="same name"):
+        load_datasets([path, path])
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not available")
+def test_shared_datasets_load_and_references_verify_against_themselves():
+    names = ["aime24", "aime25", "amc23", "math500", "minerva", "gsm8k_test"]
+    problems = load_datasets([SHARED_DATA / f"{name}.jsonl" for name in names], limit=8)
+    assert [p.dataset for p in problems[::8]] == names
+    for problem in problems:
+        assert problem.problem and problem.answer
+        assert is_correct(problem.answer, problem.answer), problem
+
+
+class _ChatTokenizer:
+    chat_template = "{{ messages[0]['content'] }}"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert not tokenize and add_generation_prompt
+        return f"<user>{messages[0]['content']}<assistant>"
+
+
+def test_prompt_is_the_papers_instruction_in_the_chat_template():
+    question = "What is 1+1?\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert build_prompt("What is 1+1?", chat_template=False) == question
+    assert build_prompt("What is 1+1?", _ChatTokenizer()) == f"<user>{question}<assistant>"
+    with pytest.raises(ValueError, match="--no-chat-template"):
+        build_prompt("What is 1+1?", object())
