@@ -60,7 +60,7 @@ def test_generate_with_lora_adapter(pair, capsys):
     "extra, message",
     [
         (["--model", "/nonexistent/rl", "--base", "/nonexistent/base"], "no such folder"),
-        (["--model", "RL_PLACEHOLDER"], "base_model"),
+        (["--model", "RL_PLACEHOLDER"], "--base"),
         (["--model", "RL_PLACEHOLDER", "--base", "BASE_PLACEHOLDER", "--criterion", "random", "--threshold", "2"],
          "threshold"),
         (["--model", "RL_PLACEHOLDER", "--base", "BASE_PLACEHOLDER", "--batch-size", "0"], "must be positive"),

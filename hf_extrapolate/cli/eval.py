@@ -93,20 +93,20 @@ def process_state(args: argparse.Namespace) -> Any:
     return PartialState(cpu=args.device == "cpu")
 
 
-def load_pair(args: argparse.Namespace, state: Any = None) -> tuple[Any, Any, Any]:
-    """`(rl_model, base_model, tokenizer)` from `--model` / `--adapter`, `--base`, `--tokenizer`, on `--device`.
-
-    Also resolves `--chat-template` (None: use the tokenizer's template when it has one).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def check_model_paths(args: argparse.Namespace) -> None:
+    """One clear error for a local model path that does not exist (before transformers' long one)."""
     if args.adapter is None and (args.model is None or args.base is None):
         raise CLIError("give --model RL and --base BASE, or --adapter LORA_DIR (with --base if the adapter does not "
                        "name its base model)")
     for path, flag in ((args.model, "--model"), (args.base, "--base"), (args.adapter, "--adapter")):
         if path is not None and (path.startswith((".", "/")) or os.sep in path) and not os.path.exists(path):
             raise CLIError(f"{flag} {path}: no such folder")
+
+
+def device_and_dtype(args: argparse.Namespace, state: Any = None) -> tuple[Any, Any]:
+    """`--device` (the process's accelerator under `accelerate launch`) and `--dtype` (float32 on cpu for auto)."""
+    import torch
+
     if state is not None and getattr(state, "num_processes", 1) > 1 and args.device in (None, "cuda"):
         device = state.device  # one accelerator per process
     elif args.device is not None:
@@ -114,28 +114,33 @@ def load_pair(args: argparse.Namespace, state: Any = None) -> tuple[Any, Any, An
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.dtype != "auto":
-        dtype: Any = getattr(torch, args.dtype)
-    else:
-        dtype = torch.float32 if device.type == "cpu" else "auto"
+        return device, getattr(torch, args.dtype)
+    return device, torch.float32 if device.type == "cpu" else "auto"
 
-    def load(path: str) -> Any:
-        logger.info("loading %s on %s", path, device)
-        try:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except OSError as err:
-            raise CLIError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
 
-    base_path = args.base
-    if args.adapter is not None:
-        from peft import PeftConfig, PeftModel
+def load_model(path: str, dtype: Any) -> Any:
+    from transformers import AutoModelForCausalLM
 
-        base_path = base_path or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
-        rl_model = PeftModel.from_pretrained(load(base_path), args.adapter).merge_and_unload()
-    else:
-        rl_model = load(args.model)
-    base_model = load(base_path)
+    logger.info("loading %s", path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise CLIError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
+
+
+def adapter_base_path(args: argparse.Namespace) -> str:
+    from peft import PeftConfig
+
+    return args.base or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
+
+
+def load_tokenizer(args: argparse.Namespace, *candidates: str | None) -> Any:
+    """The first tokenizer found among `--tokenizer` and `candidates`; resolves `--chat-template` (None: the
+    tokenizer's template when it has one)."""
+    from transformers import AutoTokenizer
+
     tokenizer = None
-    for candidate in (args.tokenizer, args.model, args.adapter, base_path):
+    for candidate in (args.tokenizer, *candidates):
         if candidate is None:
             continue
         try:
@@ -148,6 +153,29 @@ def load_pair(args: argparse.Namespace, state: Any = None) -> tuple[Any, Any, An
         raise CLIError("no tokenizer found with the models; pass --tokenizer")
     if args.chat_template is None:
         args.chat_template = bool(getattr(tokenizer, "chat_template", None))
+    elif args.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise CLIError("--chat-template: the tokenizer has no chat template; use --no-chat-template")
+    return tokenizer
+
+
+def load_pair(args: argparse.Namespace, state: Any = None) -> tuple[Any, Any, Any]:
+    """`(rl_model, base_model, tokenizer)` from `--model` / `--adapter`, `--base`, `--tokenizer`, on `--device`.
+
+    With `--adapter` the RL model is the base with the adapter merged in (a second copy; `generate` pairs the
+    adapter with its base in one copy instead).
+    """
+    check_model_paths(args)
+    device, dtype = device_and_dtype(args, state)
+    if args.adapter is not None:
+        from peft import PeftModel
+
+        base_path = adapter_base_path(args)
+        rl_model = PeftModel.from_pretrained(load_model(base_path, dtype), args.adapter).merge_and_unload()
+    else:
+        base_path = args.base
+        rl_model = load_model(args.model, dtype)
+    base_model = load_model(base_path, dtype)
+    tokenizer = load_tokenizer(args, args.model, args.adapter, base_path)
     return rl_model.to(device).eval(), base_model.to(device).eval(), tokenizer
 
 

@@ -17,11 +17,19 @@ from typing import Any
 
 import torch
 
-from ..config import CRITERIA, PROPOSALS, ExtrapolationConfig
+from ..config import ExtrapolationConfig
 from ..statistics import generated_mask
 from . import CLIError
-
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .eval import (
+    adapter_base_path,
+    add_config_arguments,
+    add_model_arguments,
+    add_sampling_arguments,
+    check_model_paths,
+    device_and_dtype,
+    load_model,
+    load_tokenizer,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,33 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "generate",
         help="generate completions with selective replacement / extrapolation",
         description="Generate with the RL model, redrawing the tokens the criterion flags from "
-        "pi_rl^(1+gamma) / pi_base^gamma (gamma=0: plain replacement by the RL model).",
+        "pi_rl^(1+gamma) / pi_base^gamma (gamma=0: plain replacement by the RL model). With --adapter the LoRA "
+        "adapter and its base share one copy of the base weights.",
     )
-    models = p.add_argument_group("models")
-    models.add_argument("--model", help="RL model folder or hub id (or a folder written by save_pretrained)")
-    models.add_argument("--base", help="base model folder or hub id (same tokenizer as the RL model)")
-    models.add_argument("--adapter", help="LoRA adapter folder: the RL model is base + adapter, loaded once")
-    models.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    models.add_argument("--dtype", default="auto", choices=tuple(DTYPES), help="weights dtype (default: auto)")
+    add_model_arguments(p)
     prompts = p.add_argument_group("prompts").add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts-file", metavar="FILE.jsonl", help="JSON lines with 'prompt' (or 'problem')")
-    method = p.add_argument_group("method (ExtrapolationConfig)")
-    method.add_argument("--criterion", default="logp_diff", choices=CRITERIA, help="default: logp_diff")
-    method.add_argument("--threshold", type=float, default=-0.3, help="tau of the criterion (default: -0.3)")
-    method.add_argument("--gamma", type=float, default=0.0, help="extrapolation strength (default: 0, replace only)")
-    method.add_argument("--proposal", default="base", choices=PROPOSALS, help="model drawn from first (default: base)")
-    method.add_argument("--candidate-top-k", type=int, default=None, help="restrict the redraw to the proposal's top-k")
-    samp = p.add_argument_group("sampling")
-    samp.add_argument("--max-new-tokens", type=int, default=256, help="default: 256")
-    samp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
-    samp.add_argument("--top-p", type=float, default=1.0, help="default: 1.0 (off)")
-    samp.add_argument("--top-k", type=int, default=0, help="default: 0 (off)")
-    samp.add_argument("--num-return-sequences", type=int, default=1, help="samples per prompt (default: 1)")
-    samp.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
-    samp.add_argument("--seed", type=int, default=0, help="default: 0")
-    samp.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
-                      help="wrap prompts in the tokenizer's chat template (default: when the tokenizer has one)")
+    add_config_arguments(p)
+    add_sampling_arguments(p, max_new_tokens=256)
     p.add_argument("--output", metavar="FILE.jsonl", help="write JSON lines here instead of printing")
     p.set_defaults(handler=run)
 
@@ -83,37 +73,28 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def load_pair(args: argparse.Namespace) -> tuple[Any, Any]:
+def load_directional_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """The `DirectionalModelForCausalLM` and tokenizer the arguments name (one clear error if they can't load)."""
-    from transformers import AutoTokenizer
-
     from ..modeling import DirectionalModelForCausalLM
 
-    if args.adapter is None and args.model is None:
-        raise CLIError("give --model (and --base), or --adapter")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs: dict[str, Any] = {"dtype": DTYPES[args.dtype] if args.dtype != "auto" or device != "cpu" else torch.float32}
-    source = args.adapter if args.adapter is not None else args.model
-    for path, flag in ((args.adapter, "--adapter"), (args.model, "--model"), (args.base, "--base")):
-        if path is not None and (path.startswith((".", "/")) or os.sep in path) and not os.path.exists(path):
-            raise CLIError(f"{flag} {path}: no such folder")
-    try:
-        model = DirectionalModelForCausalLM.from_pretrained(source, base_model=args.base, **kwargs)
-    except OSError as err:
-        raise CLIError(f"cannot load the models: {str(err).splitlines()[0]}") from None
-    model.rl_model.to(device)
-    model.reference_model.to(device)
-    tokenizer = None
-    for candidate in (source, args.base, getattr(model, "base_model_name_or_path", None)):
-        if candidate is None:
-            continue
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(candidate)
-            break
-        except (OSError, ValueError, TypeError):
-            continue
-    if tokenizer is None:
-        raise CLIError(f"no tokenizer found in {source} or the base model")
+    check_model_paths(args)
+    device, dtype = device_and_dtype(args)
+    if args.adapter is not None:
+        from peft import PeftModel
+
+        base_path = adapter_base_path(args)
+        peft_model = PeftModel.from_pretrained(load_model(base_path, dtype), args.adapter).to(device).eval()
+        model = DirectionalModelForCausalLM.from_peft(peft_model)
+    else:
+        from ..modeling import check_same_tokenizer
+
+        base_path = args.base
+        vocab_size = check_same_tokenizer(args.model, args.base)
+        model = DirectionalModelForCausalLM(
+            load_model(args.model, dtype).to(device).eval(), load_model(args.base, dtype).to(device).eval(),
+            base_model_name_or_path=args.base, vocab_size=vocab_size,
+        )
+    tokenizer = load_tokenizer(args, args.model, args.adapter, base_path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -130,11 +111,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.num_return_sequences < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise CLIError("--num-return-sequences, --batch-size and --max-new-tokens must be positive")
-    model, tokenizer = load_pair(args)
+    model, tokenizer = load_directional_model(args)
     model.extrapolation_config = config
-    use_template = args.chat_template if args.chat_template is not None else bool(getattr(tokenizer, "chat_template", None))
-    if use_template and not getattr(tokenizer, "chat_template", None):
-        raise CLIError("--chat-template: the tokenizer has no chat template; use --no-chat-template")
+    use_template = args.chat_template
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
         if use_template else t
