@@ -2,10 +2,12 @@
 distribution is the same weights with the adapter off. The base weights are loaded once.
 
 Two strategies:
-- **fused**: one forward over the doubled batch `[x; x]`, LoRA applied to the first half only (PEFT's mixed-batch
-  `adapter_names=["default"] * R + ["__base__"] * R`), so every base weight is read once per step for both
-  distributions. The cache holds 2R rows. Needs an unmerged, non-DoRA LoRA in eval mode, sampling or greedy decoding
-  without beams or an assistant model.
+- **fused**: one forward over the doubled batch `[x; x]`, LoRA applied to the first half only, so every base weight
+  is read once per step for both distributions. The cache holds 2R rows. Plain LoRA `Linear` layers run their base
+  layer on both halves and add `B(A(x[:R])) * scaling` to the first half (a slice: no index tensors, no host-device
+  copy per layer); any other LoRA layer uses PEFT's mixed-batch `adapter_names=["default"] * R + ["__base__"] * R`
+  (which builds index lists in Python for every layer and step). Needs an unmerged, non-DoRA LoRA in eval mode,
+  sampling or greedy decoding without beams or an assistant model.
 - **fallback**: a second forward with the adapter layers switched off (a flag flip on each layer, restored in
   `finally`; PEFT's `disable_adapter()` context costs milliseconds per toggle) and a KV cache of its own (LoRA
   changes k and v, so the base needs its own cache). Works for every decoding mode.
@@ -172,14 +174,46 @@ class FusedLoRAReference(ReferencePolicy):
             kwargs["adapter_names"] = self._names
             return args, kwargs
 
+        adapter = self.adapter
+
+        def first_half_lora_hook(module, args, kwargs, output):
+            # the layer ran with its adapter switched off: output = base_layer(x) for both halves
+            x = args[0] if args else kwargs["x"]
+            rows = x.shape[0] // 2
+            lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+            delta = lora_b(lora_a(module.lora_dropout[adapter](x[:rows].to(lora_a.weight.dtype))))
+            output[:rows] += (delta * module.scaling[adapter]).to(output.dtype)
+            return output
+
+        fast = [m for m in self.lora_layers if _plain_lora_linear(m, adapter)]
+        slow = [m for m in self.lora_layers if not _plain_lora_linear(m, adapter)]
         handles = [
             inner.register_forward_pre_hook(model_pre_hook, with_kwargs=True),
             inner.register_forward_hook(model_post_hook, with_kwargs=True),
         ]
-        handles += [m.register_forward_pre_hook(lora_pre_hook, with_kwargs=True) for m in self.lora_layers]
+        handles += [m.register_forward_hook(first_half_lora_hook, with_kwargs=True) for m in fast]
+        handles += [m.register_forward_pre_hook(lora_pre_hook, with_kwargs=True) for m in slow]
+        disabled = [m._disable_adapters for m in fast]
         try:
+            for m in fast:
+                m._disable_adapters = True
             yield
         finally:
+            for m, was in zip(fast, disabled):
+                m._disable_adapters = was
             for h in handles:
                 h.remove()
             self._names = None
+
+
+def _plain_lora_linear(layer: torch.nn.Module, adapter: str) -> bool:
+    """Whether `layer` is PEFT's vanilla LoRA `Linear` for `adapter` (no DoRA or other variant), whose first-half
+    update `B(A(x)) * scaling` the fused path adds itself."""
+    from peft.tuners.lora.layer import Linear
+
+    return (
+        type(layer) is Linear
+        and adapter in layer.lora_A
+        and adapter not in getattr(layer, "lora_variant", {})
+        and not getattr(layer, "merged", False)
+    )

@@ -14,7 +14,8 @@ transformers' `candidate_generator.py`):
 
 The attention mask of the prompt (left padding) is given once, its rows repeated for `num_return_sequences` /
 `num_beams` exactly as generate does (`repeat_interleave`); generated columns are attended. Position ids are
-`cumsum(mask) - 1` (0 under padding), as generate computes them, so absolute-position models (GPT-2) are right.
+`cumsum(mask) - 1` (0 under padding), as generate computes them, so absolute-position models (GPT-2) are right; on
+the fast path the count is kept running (one `+ 1` per step, no cumsum over the prefix).
 
 The fast path does not synchronise host and device: whether the prefix really matched is accumulated in a device
 flag, checked immediately on CPU and every `check_every` steps (and on every slow-path call) on accelerators.
@@ -147,6 +148,7 @@ class ReferenceModel(ReferencePolicy):
         self._keep_memo = False
         self._ok: torch.Tensor | None = None
         self._unchecked = 0
+        self._next_position: torch.Tensor | None = None  # (R, 1) position id of the next token, kept running
         self.stats = {"prefill": 0, "fast": 0, "rollback": 0, "rebuild": 0, "reorder": 0}
 
     @property
@@ -217,10 +219,18 @@ class ReferenceModel(ReferencePolicy):
     def _forward(self, ids: torch.Tensor, start: int, full_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feed `ids[:, start:]` on top of a cache holding `ids[:, :start]`; return the last position's logits."""
         rows, length = ids.shape
+        new = length - start
         if full_mask is None:
-            new = length - start
             full_mask = torch.cat([self.mask, self.mask.new_ones(rows, new)], dim=1)
-        positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)[:, start:]
+            running = new == 1 and self._next_position is not None
+        else:
+            running = False
+        if running:  # one new, attended token: its position is the running count (no cumsum over the prefix)
+            positions = self._next_position
+            next_position = positions + 1
+        else:
+            positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)[:, start:]
+            next_position = full_mask.sum(-1, keepdim=True)
         keep = min(length - start, MEMO_WINDOW) if self._keep_memo else 1
         with self.forward_context():
             out = self.model(
@@ -234,6 +244,7 @@ class ReferenceModel(ReferencePolicy):
         self.cache = out.cache if hasattr(out, "cache") else out["cache"]
         self.ids = ids
         self.mask = full_mask
+        self._next_position = next_position
         logits = out.logits
         if self._keep_memo:
             for j in range(logits.shape[1]):
@@ -283,6 +294,7 @@ class ReferenceModel(ReferencePolicy):
                 return False
         self.ids = self.ids[:, :keep]
         self.mask = self.mask[:, :keep]
+        self._next_position = None
         for k in [k for k in self._memo if k > keep]:
             del self._memo[k]
         return True
@@ -303,6 +315,8 @@ class ReferenceModel(ReferencePolicy):
         self.cache.reorder_cache(beam_idx)
         self.mask = self.mask.index_select(0, beam_idx)
         self.ids = self.ids.index_select(0, beam_idx)
+        if self._next_position is not None:
+            self._next_position = self._next_position.index_select(0, beam_idx)
         self.last_reorder = beam_idx
         self.stats["reorder"] += 1
 
