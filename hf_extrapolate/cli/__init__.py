@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # sub-command modules, in the order `--help` lists them
-SUBCOMMANDS = ("generate", "analyze", "eval", "sweep")
+SUBCOMMANDS = ("demo", "generate", "analyze", "eval", "sweep", "toy-pair")
 
 
 class CLIError(Exception):

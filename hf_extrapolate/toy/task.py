@@ -1,20 +1,24 @@
 """The toy verifiable task: multi-step integer arithmetic, solved as a short chain of thought ending in `\\boxed{N}`.
 
-A problem is an expression of 2-3 small operands joined by `+`, `-`, `*` (`7+5*3-2`). The reference trace computes
-one operation per line in operator-precedence order and boxes the result::
+A problem is an expression of 3 or 4 operands in 1..9 joined by `+`, `-`, `*` (at most one `*`, no negative
+intermediate result), e.g. `7+5*3-2`. The prompt is the paper's: `Compute 7+5*3-2.` then `Please reason step by
+step, and put your final answer within \\boxed{}.` The reference trace does one operation per line in
+operator-precedence order and boxes the result::
 
     5*3=15
     7+15=22
     22-2=20
     \\boxed{20}
 
-The verifier reads the *last* `\\boxed{...}` of a completion and gives reward 1.0 when it is the integer answer,
+The verifier reads the *last* `\\boxed{...}` of a completion and gives reward 1.0 when it holds the integer answer,
 else 0.0 (no partial credit, no format reward).
 
-The base model is trained on *imperfect* traces written by a sloppy student (`TaskConfig.p_left_to_right`,
-`TaskConfig.p_slip`): on some problems it ignores operator precedence and works left to right (`7+5=12`, one
-wrong choice at the first token of the first step), and each step has a small chance of an arithmetic slip that
-the rest of the trace carries on consistently. Both mistakes sit on few tokens, which is what RLVR then fixes.
+The base model learns from *imperfect* traces written by a sloppy student (`TaskConfig`): on problems where
+precedence matters it sometimes works left to right (`p_left_to_right`: `7+5=12` instead of `5*3=15`), on
+three-operator problems it often boxes the intermediate result one step early (`p_stop_early`), and any step may
+hold an arithmetic slip carried on consistently (`p_slip`). Each mistake is decided at one or two tokens, which is
+what RLVR then changes. Alongside, `worked_example` gives correct plain-text solutions (the "pretraining" text that
+teaches the skill the chats' habits then misuse).
 
 Problems are split into train and held-out sets by a hash of their expression, so no held-out expression is ever
 trained on. This module does not know about tokenizers or models.
@@ -22,7 +26,9 @@ trained on. This module does not know about tokenizers or models.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import re
 import zlib
@@ -31,7 +37,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 OPERATORS = ("+", "-", "*")
-PROMPT_TEMPLATE = "Compute {expression}. Put the final answer in \\boxed{{}}."
+# The paper's prompt (= `hf_extrapolate.evaluation.format_question`), frozen here: it is what the toy pair was
+# trained on, so the library's evaluation pipeline runs on the toy pair unchanged.
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 HELD_OUT_MODULUS = 10  # one expression in ten (by CRC32) is held out
 
 _BOXED = "\\boxed{"
@@ -48,13 +56,27 @@ class TaskConfig:
         default=(2, 3), metadata={"help": "Allowed numbers of operators per problem, drawn uniformly."}
     )
     p_multiply: float = field(
-        default=0.4, metadata={"help": "Probability of `*` for each operator; `+` and `-` share the rest."}
+        default=0.5, metadata={"help": "Probability of `*` for each operator; `+` and `-` share the rest."}
+    )
+    max_multiplications: int | None = field(
+        default=1, metadata={"help": "At most this many `*` per problem (redrawn otherwise); None: no limit."}
+    )
+    allow_negative: bool = field(
+        default=False,
+        metadata={"help": "Whether reference solutions may have negative intermediate results (redrawn if not)."},
     )
     p_left_to_right: float = field(
-        default=0.6,
+        default=0.3,
         metadata={
             "help": "Imperfect traces: probability that a problem whose answer depends on operator precedence is "
             "worked strictly left to right (a wrong method)."
+        },
+    )
+    p_stop_early: float = field(
+        default=0.6,
+        metadata={
+            "help": "Imperfect traces: probability that a problem with 3 or more operators is answered one step "
+            "early (the last intermediate result is boxed)."
         },
     )
     p_slip: float = field(
@@ -77,7 +99,13 @@ class TaskConfig:
             raise ValueError(
                 f"`num_operators` (={self.num_operators!r}) must be a non-empty tuple of positive integers, e.g. (2, 3)."
             )
-        for name in ("p_multiply", "p_left_to_right", "p_slip"):
+        if self.max_multiplications is not None and (
+            not isinstance(self.max_multiplications, int) or self.max_multiplications < 0
+        ):
+            raise ValueError(
+                f"`max_multiplications` (={self.max_multiplications!r}) must be a non-negative integer or None."
+            )
+        for name in ("p_multiply", "p_left_to_right", "p_stop_early", "p_slip"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"`{name}` (={value!r}) is a probability and must lie in [0, 1].")
@@ -89,19 +117,24 @@ class TaskConfig:
             "max_operand": self.max_operand,
             "num_operators": list(self.num_operators),
             "p_multiply": self.p_multiply,
+            "max_multiplications": self.max_multiplications,
+            "allow_negative": self.allow_negative,
             "p_left_to_right": self.p_left_to_right,
+            "p_stop_early": self.p_stop_early,
             "p_slip": self.p_slip,
         }
 
 
 @dataclass(frozen=True)
 class Step:
-    """One line of a trace: `left op right = result` (the result may be a slip)."""
+    """One line of a trace, `left operator right = result` (the result may be a slip), and the expression left
+    after it (`rest`, not written in the trace)."""
 
     left: int
     operator: str
     right: int
     result: int
+    rest: str
 
     def __str__(self) -> str:
         return f"{self.left}{self.operator}{self.right}={self.result}"
@@ -126,15 +159,17 @@ class Problem:
 
     @property
     def expression(self) -> str:
-        parts = [str(self.operands[0])]
-        for op, value in zip(self.operators, self.operands[1:]):
-            parts += [op, str(value)]
-        return "".join(parts)
+        return _join(self.operands, self.operators)
+
+    @property
+    def statement(self) -> str:
+        """The bare problem, as in a math data set: `Compute 7+5*3-2.`"""
+        return f"Compute {self.expression}."
 
     @property
     def prompt(self) -> str:
-        """The user message: the problem, then the request for a boxed answer (the paper's prompt style, short)."""
-        return PROMPT_TEMPLATE.format(expression=self.expression)
+        """The user message: the statement, a newline and the paper's instruction to box the final answer."""
+        return f"{self.statement}\n{INSTRUCTION}"
 
     @property
     def answer(self) -> int:
@@ -174,14 +209,22 @@ def solution_steps(problem: Problem, left_to_right: bool = False, slips: Sequenc
         result = _apply(values[i], operators[i], values[i + 1])
         if slips is not None:
             result += slips[len(steps)]
-        steps.append(Step(values[i], operators[i], values[i + 1], result))
+        left, operator, right = values[i], operators[i], values[i + 1]
         values[i : i + 2] = [result]
         del operators[i]
+        steps.append(Step(left, operator, right, result, _join(values, operators)))
     return steps
 
 
+def _join(values: Sequence[int], operators: Sequence[str]) -> str:
+    parts = [str(values[0])]
+    for op, value in zip(operators, values[1:]):
+        parts += [op, str(value)]
+    return "".join(parts)
+
+
 def format_trace(steps: Sequence[Step]) -> str:
-    """One step per line, then `\\boxed{last result}`."""
+    """One operation per line, then `\\boxed{last result}`: `5*3=15\n7+15=22\n\\boxed{22}`."""
     return "".join(f"{step}\n" for step in steps) + f"{_BOXED}{steps[-1].result}}}"
 
 
@@ -193,8 +236,18 @@ def reference_trace(problem: Problem) -> str:
 def imperfect_trace(problem: Problem, rng: random.Random, config: TaskConfig) -> str:
     """A trace by the sloppy student of `config`: sometimes left to right, sometimes a slip (see the module doc)."""
     left_to_right = problem.precedence_matters and rng.random() < config.p_left_to_right
+    stop_early = len(problem.operators) >= 3 and rng.random() < config.p_stop_early
     slips = [_slip(rng) if rng.random() < config.p_slip else 0 for _ in problem.operators]
-    return format_trace(solution_steps(problem, left_to_right=left_to_right, slips=slips))
+    steps = solution_steps(problem, left_to_right=left_to_right, slips=slips)
+    return format_trace(steps[:-1] if stop_early else steps)
+
+
+def worked_example(problem: Problem) -> str:
+    """A "pretraining" document: the statement and its correct trace as plain text, no chat template, no instruction.
+
+    `Compute 7+5*3-2.\\n5*3=15\\n7+15=22\\n22-2=20\\n\\boxed{20}`
+    """
+    return f"{problem.statement}\n{reference_trace(problem)}"
 
 
 def _slip(rng: random.Random) -> int:
@@ -202,11 +255,17 @@ def _slip(rng: random.Random) -> int:
 
 
 def sample_problem(rng: random.Random, config: TaskConfig) -> Problem:
-    n = rng.choice(config.num_operators)
-    operands = tuple(rng.randint(config.min_operand, config.max_operand) for _ in range(n + 1))
+    """One problem of `config` (rejection sampling: at most `max_multiplications` `*`, non-negative if asked)."""
     p_other = (1.0 - config.p_multiply) / 2
-    operators = tuple(rng.choices(OPERATORS, weights=(p_other, p_other, config.p_multiply), k=n))
-    return Problem(operands, operators)
+    while True:
+        n = rng.choice(config.num_operators)
+        operands = tuple(rng.randint(config.min_operand, config.max_operand) for _ in range(n + 1))
+        operators = tuple(rng.choices(OPERATORS, weights=(p_other, p_other, config.p_multiply), k=n))
+        if config.max_multiplications is not None and operators.count("*") > config.max_multiplications:
+            continue
+        problem = Problem(operands, operators)
+        if config.allow_negative or all(step.result >= 0 for step in solution_steps(problem)):
+            return problem
 
 
 def sample_problems(n: int, seed: int, config: TaskConfig | None = None, split: str = "train") -> list[Problem]:
@@ -246,10 +305,10 @@ def extract_boxed(text: str) -> str | None:
 
 
 def parse_integer(text: str | None) -> int | None:
-    """`text` as an integer (surrounding spaces ignored), or None when it is not exactly one integer."""
+    """`text` as an integer (surrounding whitespace ignored), or None when it is not exactly one integer."""
     if text is None:
         return None
-    text = text.strip().replace(" ", "")
+    text = text.strip()
     return int(text) if _INT.match(text) else None
 
 
@@ -272,3 +331,11 @@ def accuracy(completions: Sequence[str], problems: Sequence[Problem]) -> float:
     if not problems:
         return math.nan
     return sum(verify(c, p.answer) for c, p in zip(completions, problems)) / len(problems)
+
+
+def write_problems_jsonl(path: str | os.PathLike, problems: Sequence[Problem], name: str = "toy") -> None:
+    """Write `problems` as JSON Lines `{"id", "problem", "answer"}`, the format of `hf_extrapolate.evaluation`."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, problem in enumerate(problems):
+            row = {"id": f"{name}-{i}", "problem": problem.statement, "answer": str(problem.answer)}
+            f.write(json.dumps(row) + "\n")
