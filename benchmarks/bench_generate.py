@@ -39,7 +39,6 @@ import dataclasses
 import datetime
 import functools
 import json
-import math
 import os
 import platform
 import statistics
@@ -74,6 +73,7 @@ class Setting:
     repeats: int = 3
     modes: tuple[str, ...] = ("greedy", "sample")
     clock: str = "wall"
+    memory_max_tokens: int | None = None  # longest generation whose memory is measured (None: all)
 
 
 CPU_MODEL = dict(
@@ -102,7 +102,8 @@ def make_setting(args: argparse.Namespace) -> Setting:
         grid, naive = (CUDA_FULL_GRID, 128) if args.full else (CUDA_GRID, 64)
         s = Setting("cuda", torch.bfloat16, QWEN25_1P5B, grid, naive, prompt_length=64)
     else:
-        s = Setting("cpu", torch.float32, CPU_MODEL, *((CPU_FULL_GRID, 128) if args.full else (CPU_GRID, 32)))
+        s = Setting("cpu", torch.float32, CPU_MODEL, *((CPU_FULL_GRID, 128) if args.full else (CPU_GRID, 32)),
+                    memory_max_tokens=256)
     if args.batch or args.tokens:
         batches = args.batch or sorted({b for b, _ in s.grid})
         lengths = args.tokens or sorted({n for _, n in s.grid})
@@ -110,6 +111,7 @@ def make_setting(args: argparse.Namespace) -> Setting:
     overrides = {
         "repeats": args.repeats,
         "naive_max_tokens": args.naive_max_tokens,
+        "memory_max_tokens": args.memory_max_tokens,
         "modes": tuple(args.modes) if args.modes else None,
         "clock": args.clock if s.device == "cpu" else "wall",
     }
@@ -269,9 +271,17 @@ def peak_extra_bytes(run: Callable[[], Any], device: str) -> int:
 
 
 def processor_math_share(rl, base, inputs: dict, n: int, do_sample: bool, device: str) -> dict[str, float]:
-    """Instrumented directional run: per-step time in the processor outside the base forward, and its share."""
+    """An instrumented directional run, timed by parts (per step): the RL forward, the base forward, the processor
+    outside the base forward ("math") and generate's own loop around them ("loop": input preparation, the other
+    logits processors, sampling, stopping criteria).
+
+    Two plain generate calls pay the loop twice, the directional call once but adds the math, so
+    `predicted_ratio = step / (step - math + loop)` is directional / (rl + base) measured within a single run, free
+    of the drift between separately timed runs.
+    """
     proc = DirectionalLogitsProcessor(base, CONFIG, attention_mask=inputs["attention_mask"], do_sample=do_sample)
-    totals = {"processor": 0.0, "base_forward": 0.0}
+    totals = {"processor": 0.0, "base_forward": 0.0, "rl_forward": 0.0}
+    starts: list[float] = []
 
     def clock(fn, key):
         def wrapped(*args, **kwargs):
@@ -283,19 +293,38 @@ def processor_math_share(rl, base, inputs: dict, n: int, do_sample: bool, device
             return out
         return wrapped
 
+    def rl_start(module, args, kwargs):
+        synchronize(device)
+        starts.append(time.perf_counter())
+
+    def rl_end(module, args, kwargs, output):
+        synchronize(device)
+        totals["rl_forward"] += time.perf_counter() - starts.pop()
+
     proc.reference = _Timed(proc.reference, clock(proc.reference.__call__, "base_forward"))
     timed_proc = clock(proc, "processor")
+    handles = [rl.register_forward_pre_hook(rl_start, with_kwargs=True),
+               rl.register_forward_hook(rl_end, with_kwargs=True)]
     torch.manual_seed(0)
-    seconds, _, _ = timed(
-        lambda: rl.generate(**inputs, **gen_kwargs(n, do_sample), logits_processor=LogitsProcessorList([timed_proc])),
-        device,
-    )
+    try:
+        seconds, _, _ = timed(
+            lambda: rl.generate(**inputs, **gen_kwargs(n, do_sample),
+                                logits_processor=LogitsProcessorList([timed_proc])),
+            device,
+        )
+    finally:
+        for h in handles:
+            h.remove()
     math_s = totals["processor"] - totals["base_forward"]
+    loop_s = seconds - totals["rl_forward"] - totals["processor"]
     return {
         "step_ms": 1e3 * seconds / n,
+        "rl_forward_ms": 1e3 * totals["rl_forward"] / n,
         "base_forward_ms": 1e3 * totals["base_forward"] / n,
         "processor_math_ms": 1e3 * math_s / n,
+        "generate_loop_ms": 1e3 * loop_s / n,
         "processor_math_share": math_s / seconds,
+        "predicted_ratio": seconds / (seconds - math_s + loop_s),
     }
 
 
@@ -361,7 +390,10 @@ class _Timed:
         setattr(self._inner, name, value)
 
 
-def run_grid(setting: Setting, rows_wanted: tuple[str, ...], log: Callable[[str], None]) -> dict[str, Any]:
+def run_grid(
+    setting: Setting, rows_wanted: tuple[str, ...], log: Callable[[str], None],
+    checkpoint: Callable[[dict], None] = lambda report: None,
+) -> dict[str, Any]:
     rl = build_model(setting, seed=0)
     base = build_model(setting, seed=1)
     peft_model = build_peft(base, setting)
@@ -383,8 +415,10 @@ def run_grid(setting: Setting, rows_wanted: tuple[str, ...], log: Callable[[str]
             inputs = make_prompts(batch, setting.prompt_length, vocab, setting.device)
             names = [r for r in rows_wanted if r != "naive" or n <= setting.naive_max_tokens]
             # memory: one untimed greedy run per row (the profiler slows it down); sampling differs by (B, V) buffers
+            # (the CPU profiler keeps every op event: some 5 GB for 8 rows x 256 tokens, hence memory_max_tokens)
+            measure = setting.memory_max_tokens is None or n <= setting.memory_max_tokens
             peaks = {name: peak_extra_bytes(functools.partial(call, name, inputs, n, False), setting.device)
-                     for name in names}
+                     if measure else None for name in names}
             for mode in setting.modes:
                 do_sample = mode == "sample"
                 wall: dict[str, list[float]] = {r: [] for r in names}
@@ -412,8 +446,9 @@ def run_grid(setting: Setting, rows_wanted: tuple[str, ...], log: Callable[[str]
                         "wall_seconds": wall[name], "process_seconds": cpu[name],
                         "tokens_per_s": batch * n / median[name],
                         "ratio_to_rl": median[name] / median["rl"] if "rl" in median else None,
-                        "peak_memory_mb": (sum(weights[m] for m in ROW_MODELS[name]) + peaks[name]) / 2**20,
-                        "peak_extra_memory_mb": peaks[name] / 2**20,
+                        "peak_memory_mb": None if peaks[name] is None else
+                        (sum(weights[m] for m in ROW_MODELS[name]) + peaks[name]) / 2**20,
+                        "peak_extra_memory_mb": None if peaks[name] is None else peaks[name] / 2**20,
                     })
                 summary: dict[str, Any] = {"batch": batch, "new_tokens": n, "mode": mode}
                 if {"rl", "base"} <= median.keys():
@@ -421,6 +456,9 @@ def run_grid(setting: Setting, rows_wanted: tuple[str, ...], log: Callable[[str]
                     for name in ("directional", "directional_wrapper", "naive"):
                         if name in median:
                             summary[f"{name}_vs_rl_plus_base"] = median[name] / (median["rl"] + median["base"])
+                            summary[f"{name}_vs_rl_plus_base_paired"] = statistics.median(  # per repeat
+                                d / (a + b) for d, a, b in zip(chosen[name], chosen["rl"], chosen["base"])
+                            )
                             summary[f"{name}_vs_rl_plus_base_wall"] = wall_median[name] / (
                                 wall_median["rl"] + wall_median["base"]
                             )
@@ -428,14 +466,17 @@ def run_grid(setting: Setting, rows_wanted: tuple[str, ...], log: Callable[[str]
                     for name in ("lora_fused", "lora_fallback"):
                         if name in median:
                             summary[f"{name}_vs_peft"] = median[name] / median["peft"]
-                            summary[f"{name}_memory_vs_peft"] = (weights["peft"] + peaks[name]) / (
-                                weights["peft"] + peaks["peft"]
-                            )
+                            if measure:
+                                summary[f"{name}_memory_vs_peft"] = (weights["peft"] + peaks[name]) / (
+                                    weights["peft"] + peaks["peft"]
+                                )
                 if share is not None:
                     math_rows.append({"batch": batch, "new_tokens": n, "mode": mode, **share})
+                    summary["directional_vs_rl_plus_base_predicted"] = share["predicted_ratio"]
                 results += block
                 summaries.append(summary)
                 log(format_block(block, summary, share))
+                checkpoint({"results": results, "summary": summaries, "processor_math": math_rows})
         syncs = None
         if setting.device == "cuda":
             inputs = make_prompts(setting.grid[0][0], setting.prompt_length, vocab, setting.device)
@@ -456,7 +497,8 @@ def format_block(rows: list[dict], summary: dict, share: dict | None) -> str:
     for r in rows:
         ratio = f"{r['ratio_to_rl']:.2f}" if r["ratio_to_rl"] is not None else "-"
         lines.append(
-            f"  {r['row']:<20}{r['seconds']:>9.3f}{r['tokens_per_s']:>10.1f}{ratio:>8}{r['peak_memory_mb']:>10.1f}"
+            f"  {r['row']:<20}{r['seconds']:>9.3f}{r['tokens_per_s']:>10.1f}{ratio:>8}"
+            + (f"{r['peak_memory_mb']:>10.1f}" if r["peak_memory_mb"] is not None else f"{'-':>10}")
         )
     extras = [f"{k}={v:.3f}" for k, v in summary.items() if isinstance(v, float)]
     if share is not None:
@@ -466,27 +508,39 @@ def format_block(rows: list[dict], summary: dict, share: dict | None) -> str:
 
 
 def markdown_table(report: dict) -> str:
-    """The README table: one line per (batch, tokens, mode), tokens/s and ratios."""
+    """The README tables: throughput per row (x the RL model's time), then the targets' ratios."""
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in report["results"]:
         by_key.setdefault((r["batch"], r["new_tokens"], r["mode"]), {})[r["row"]] = r
     sums = {(s["batch"], s["new_tokens"], s["mode"]): s for s in report["summary"]}
     maths = {(m["batch"], m["new_tokens"], m["mode"]): m for m in report["processor_math"]}
     cols = [r for r in ROWS if any(r in v for v in by_key.values())]
-    header = ["batch", "tokens", "mode"] + [f"{c} tok/s (x rl)" for c in cols] + [
-        "dir / (rl+base)", "fused / peft", "fallback / peft", "fused mem / peft", "proc. math"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def table(header: list[str], body: list[list[str]]) -> list[str]:
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+            "| " + " | ".join(cells) + " |" for cells in body]
+
+    def fmt(value: Any, pattern: str = "{:.2f}") -> str:
+        return "-" if value is None else pattern.format(value)
+
+    speed = []
     for key, rows in by_key.items():
-        cells = [str(key[0]), str(key[1]), key[2]]
-        for c in cols:
-            r = rows.get(c)
-            cells.append("-" if r is None else f"{r['tokens_per_s']:.0f} ({r['ratio_to_rl']:.2f})")
+        speed.append([str(key[0]), str(key[1]), key[2]] + [
+            "-" if rows.get(c) is None else f"{rows[c]['tokens_per_s']:.0f} ({fmt(rows[c]['ratio_to_rl'])})"
+            for c in cols])
+    ratios = []
+    for key in by_key:
         s, m = sums.get(key, {}), maths.get(key)
-        for k in ("directional_vs_rl_plus_base", "lora_fused_vs_peft", "lora_fallback_vs_peft",
-                  "lora_fused_memory_vs_peft"):
-            cells.append(f"{s[k]:.2f}" if k in s else "-")
-        cells.append(f"{100 * m['processor_math_share']:.1f}%" if m else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+        ratios.append([str(key[0]), str(key[1]), key[2],
+                       fmt(s.get("directional_vs_rl_plus_base")), fmt(s.get("directional_vs_rl_plus_base_paired")),
+                       fmt(s.get("directional_vs_rl_plus_base_predicted"), "{:.3f}"),
+                       fmt(m["processor_math_share"] * 100 if m else None, "{:.1f}%"),
+                       fmt(s.get("lora_fused_vs_peft")), fmt(s.get("lora_fallback_vs_peft")),
+                       fmt(s.get("lora_fused_memory_vs_peft")), fmt(s.get("naive_vs_rl_plus_base"))])
+    lines = table(["batch", "tokens", "mode"] + [f"{c} tok/s (x rl)" for c in cols], speed)
+    lines += [""] + table(
+        ["batch", "tokens", "mode", "dir / (rl+base)", "paired", "predicted", "processor math", "fused / peft",
+         "fallback / peft", "fused peak mem / peft", "naive / (rl+base)"], ratios)
     return "\n".join(lines)
 
 
@@ -503,6 +557,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="CPU only: time by wall clock or by this process's CPU time (steadier on a shared host)")
     parser.add_argument("--repeats", type=int, help="timed repeats per row (median reported)")
     parser.add_argument("--naive-max-tokens", type=int, help="longest generation the naive row runs for")
+    parser.add_argument("--memory-max-tokens", type=int,
+                        help="longest generation whose peak memory is measured (CPU default 256: the profiler is heavy)")
     parser.add_argument("--modes", nargs="+", choices=("greedy", "sample"))
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     args = parser.parse_args(argv)
@@ -514,8 +570,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if setting.device == "cpu":
         torch.set_num_threads(args.threads)
     started = datetime.datetime.now(datetime.timezone.utc)
-    report = run_grid(setting, tuple(r for r in ROWS if r in args.rows), lambda s: print(s, flush=True))
-    report["meta"] = {
+    meta = {
         "date": started.date().isoformat(),
         "device": setting.device,
         "device_name": torch.cuda.get_device_name() if setting.device == "cuda" else platform.processor() or
@@ -532,14 +587,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "clock": setting.clock,
         "grid": setting.grid,
         "extrapolation_config": CONFIG.to_dict(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "seconds_total": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
     }
-    print(markdown_table(report))
-    if args.json:
+
+    def write(report: dict, complete: bool) -> None:
+        if not args.json:
+            return
+        meta.update(
+            complete=complete,
+            load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+            seconds_total=(datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
+        )
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else o)
+            json.dump({**report, "meta": meta}, f, indent=2)
             f.write("\n")
+
+    report = run_grid(
+        setting, tuple(r for r in ROWS if r in args.rows), lambda s: print(s, flush=True),
+        checkpoint=lambda partial: write(partial, complete=False),  # a long run keeps what it measured
+    )
+    write(report, complete=True)
+    report["meta"] = meta
+    print(markdown_table(report))
     return report
 
 
