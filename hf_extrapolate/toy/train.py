@@ -10,6 +10,8 @@ problems in the format of `hf_extrapolate.evaluation`):
 2. **rl**: TRL's `GRPOTrainer` from the base with `loss_type="dapo"`, clip-higher (`epsilon=0.2`,
    `epsilon_high=0.28`), no KL (`beta=0`), group-normalised advantages, two mini-batch steps per rollout, and the
    verifier (1/0 from the last `\\boxed{}`) as the only reward, unweighted.
+   (`train_rl(..., advantage_reweighting="lowprob")` trains with the paper's Eq. 8 advantage reweighting instead,
+   through `hf_extrapolate.training.DirectionalGRPOTrainer`: `benchmarks/toy_training.py` compares the two.)
 
 Deviations from DAPO as published: no dynamic sampling (groups whose rewards are all equal get zero advantage and
 so no gradient, but they are not refilled) and no overlong reward shaping (truncated completions are masked out of
@@ -290,22 +292,55 @@ def train_base(
     return losses
 
 
+def _rl_trainer_class(advantage_reweighting: str, reweight_alpha: float | None) -> tuple[type, dict[str, Any]]:
+    """The trainer class of `train_rl` and its extra keyword arguments: TRL's `GRPOTrainer` for "none"."""
+    from ..training.config import resolve_alpha
+
+    resolve_alpha(advantage_reweighting, reweight_alpha)  # fails fast on a bad method or alpha
+    if advantage_reweighting == "none":
+        if reweight_alpha is not None:
+            raise ValueError(
+                f"`reweight_alpha` (={reweight_alpha!r}) needs `advantage_reweighting` other than 'none', e.g. "
+                "'lowprob' (the paper's Eq. 8)."
+            )
+        from trl import GRPOTrainer
+
+        return GRPOTrainer, {}
+    from ..training import DirectionalGRPOTrainer
+
+    return DirectionalGRPOTrainer, {"advantage_reweighting": advantage_reweighting, "reweight_alpha": reweight_alpha}
+
+
 def train_rl(
     model: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
     config: ToyPairConfig,
     progress: ProgressFn | None = None,
+    *,
+    advantage_reweighting: str = "none",
+    reweight_alpha: float | None = None,
+    callbacks: list | None = None,
 ) -> list[dict[str, float]]:
     """DAPO (TRL `GRPOTrainer`) from `model` with the verifier as the only reward. Trains `model` in place.
 
-    Returns TRL's log history (reward, clip ratios, ... every 10 steps). Nothing is written to disk.
+    Args:
+        advantage_reweighting (`str`, defaults to `"none"`): `"none"` trains with TRL's plain `GRPOTrainer` (how the
+            shipped pair is built); `"lowprob"` (the paper's Eq. 8), `"dominate"` or `"ppl"` train with
+            `hf_extrapolate.training.DirectionalGRPOTrainer` instead, which also logs `reweight/*` metrics.
+        reweight_alpha (`float`, *optional*): the reweighting strength (None: the method's default, 0.2 for
+            "lowprob"); only with a method other than "none".
+        callbacks (`list` of `transformers.TrainerCallback`, *optional*): appended to the trainer's callbacks.
+
+    Returns TRL's log history (reward, entropy, completions/mean_length, clip ratios, ... every 10 steps). Nothing is
+    written to disk.
     """
     try:
         from datasets import Dataset
         from transformers import PrinterCallback, TrainerCallback
-        from trl import GRPOConfig, GRPOTrainer
+        from trl import GRPOConfig
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("The RLVR stage needs TRL and datasets: `pip install 'hf_extrapolate[train]'`.") from err
+    trainer_class, reweighting = _rl_trainer_class(advantage_reweighting, reweight_alpha)
 
     problems = sample_problems(config.rl_train_problems, seed=config.seed + 1, config=config.task)
     dataset = Dataset.from_dict(
@@ -360,13 +395,14 @@ def train_rl(
             disable_tqdm=True,
             dataloader_num_workers=0,
         )
-        trainer = GRPOTrainer(
+        trainer = trainer_class(
             model=model,
             reward_funcs=boxed_reward,
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=[_Progress()],
+            callbacks=[_Progress(), *(callbacks or [])],
+            **reweighting,
         )
         trainer.remove_callback(PrinterCallback)  # library code does not print; the logs go to `logger`
         trainer.train()
