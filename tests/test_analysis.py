@@ -153,10 +153,28 @@ def test_replacement_statistics_equal_the_processors_expected_mass(criterion):
     config = ExtrapolationConfig(criterion=criterion, threshold=0.0, top_p=0.9, temperature=0.8)
     stats = replacement_statistics(rl, base, sequences, attention_mask, prompt_length, config, batch_size=2,
                                    chunk_size=3)[criterion]
-    values = stats.edges[[3900, 3960, 4000, 4100]].tolist() if criterion == "logp_diff" else [0.3, 0.8, 1.5]
+    if criterion == "logp_diff":  # bin edges (where the histogram is exact) near -0.5, -0.2, -1e-3, 0, 0.5
+        near = torch.tensor([-0.5, -0.2, -1e-3, 0.0, 0.5], dtype=stats.edges.dtype)
+        values = stats.edges[torch.searchsorted(stats.edges, near)].tolist()
+    else:
+        values = [0.3, 0.8, 1.5]
     for tau in values:
         want = per_position_masses(rl, base, sequences, attention_mask, prompt_length, config.replace(threshold=tau))
         assert stats.ratio(tau) == pytest.approx(want, abs=1e-5), tau
+
+
+@pytest.mark.parametrize("target", [0.1, 0.3, 0.5, 0.8])
+def test_logp_diff_calibration_resolves_mass_concentrated_near_zero(target):
+    # where the two models nearly agree, |Delta log p| < 5e-3 everywhere: far below the 0.005-nat coarse bins
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(400, 6, generator=g).log_softmax(-1)
+    rl = (base + 2e-3 * torch.randn(400, 6, generator=g)).log_softmax(-1)
+    config = ExtrapolationConfig(criterion="logp_diff")
+    stats = ReplacementStatistics("logp_diff")
+    stats.update(rl, base, torch.ones(400), config)
+    tau = stats.threshold_for(target)
+    exact = float(directional_step(rl, base, config.replace(threshold=tau))[1].mean())  # the processor's own mass
+    assert abs(tau) < 5e-3 and exact == pytest.approx(target, abs=0.01)
 
 
 def test_statistics_of_random_and_merge():

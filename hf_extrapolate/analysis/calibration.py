@@ -6,7 +6,8 @@ At a position with next-token distributions `pi_rl`, `pi_base` the processor red
 `M(tau)`, a monotone step function of tau that `ReplacementStatistics` stores:
 
 - `logp_diff` (fires when `log pi_rl(y) - log pi_base(y) < tau`): a histogram over Delta log p of the proposal mass,
-  so `ratio(tau)` is exact at the bin edges and linear between them (bins of 0.005 nats by default);
+  so `ratio(tau)` is exact at the bin edges and linear between them (bins of 0.005 nats by default, log-spaced down
+  to 1e-7 nats around 0, where much of the mass sits when the two models agree);
 - position-level criteria (fire on the whole position when the metric `> tau`): the metric of every position, so
   `ratio(tau)` is exact;
 - `random`: `ratio(tau) = tau`.
@@ -39,8 +40,11 @@ CALIBRATABLE = ("logp_diff", *POSITION_CRITERIA, "random")
 
 
 def default_edges() -> torch.Tensor:
-    """Bin edges of the `logp_diff` histogram: -20 to 20 nats in steps of 0.005."""
-    return torch.linspace(-20.0, 20.0, 8001, dtype=torch.float64)
+    """Bin edges of the `logp_diff` histogram: -20 to 20 nats in steps of 0.005, refined around 0 by log-spaced edges
+    at +-1e-7 ... +-0.005 (100 per decade), where the two models agree and much of the proposal mass sits."""
+    coarse = torch.linspace(-20.0, 20.0, 8001, dtype=torch.float64)
+    fine = torch.logspace(-7.0, math.log10(0.005), 471, dtype=torch.float64)
+    return torch.unique(torch.cat([coarse, fine, -fine, coarse.new_zeros(1)]))  # sorted
 
 
 class ReplacementStatistics:
