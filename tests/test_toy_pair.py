@@ -75,6 +75,16 @@ def test_cli_refuses_to_overwrite_without_force(quick_pair, capsys):
     assert "--force" in capsys.readouterr().err
 
 
+def test_demo_runs_on_a_built_pair_and_its_held_out_problems(quick_pair, capsys):
+    code = main(["demo", "--pair", str(quick_pair), "--show", "1", "--eval-problems", "4", "--samples", "1",
+                 "--no-color"])
+    out = capsys.readouterr().out
+    config = ToyPairConfig(**toy_pair_info(quick_pair)["rl"]["config"])
+    first = held_out_problems(config, n=1)[0]
+    assert code == 0 and f"{first.statement}   (answer {first.answer})" in out
+    assert "Accuracy on 4 held-out problems, 1 sample(s) each" in out
+
+
 def test_load_toy_pair_explains_a_missing_pair(tmp_path):
     with pytest.raises(FileNotFoundError, match="toy-pair --out"):
         load_toy_pair(tmp_path)

@@ -58,10 +58,9 @@ def _highlight(tokenizer: Any, ids: list[int], redrawn: list[float] | None, colo
 
 def _generate(model: Any, tokenizer: Any, problems: list, mode: str, cfg: ExtrapolationConfig, args, samples: int):
     """Completions, per-token redraw probabilities and replace ratios of `mode` for `problems` (seeded)."""
-    from ..toy.train import chat_prompt
+    from ..toy.train import chat_inputs
 
-    texts = [tokenizer.apply_chat_template(chat_prompt(p), add_generation_prompt=True, tokenize=False) for p in problems]
-    enc = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+    enc = chat_inputs(tokenizer, problems)
     sampling = (
         {"do_sample": True, "temperature": args.temperature, "top_k": 0, "top_p": 1.0}
         if args.temperature > 0 else {"do_sample": False}
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from ..modeling import DirectionalModelForCausalLM
-    from ..toy import held_out_problems, load_toy_pair, toy_pair_info, verify
+    from ..toy import ToyPairConfig, held_out_problems, load_toy_pair, toy_pair_info, verify
 
     hf_logging.disable_progress_bar()  # this process is ours: no "Loading weights" bars around the demo's output
     rl_model, base_model, tokenizer = load_toy_pair(args.pair)
@@ -114,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
              ("extrapolate", f"RL + extrapolation (γ={gamma:g})", extrapolate)]
     write = sys.stdout.write
 
-    problems = held_out_problems(n=max(args.show, args.eval_problems))
+    # the held-out problems of the pair's own task (a pair built with other settings has other problems)
+    config = ToyPairConfig(**info["rl"]["config"]) if "config" in info.get("rl", {}) else None
+    problems = held_out_problems(config, n=max(args.show, args.eval_problems))
     shown = problems[: args.show]
     parameters = info.get("rl", {}).get("model", {}).get("num_parameters")
     size = f"{parameters:,} parameters" if isinstance(parameters, int) else "a tiny Llama"

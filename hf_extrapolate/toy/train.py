@@ -20,7 +20,8 @@ never trained on), greedy and sampled at temperature 1, after the weights are ro
 in, so the numbers in `toy_pair.json` are those of the saved folders.
 
 Everything is seeded (`seed`) and runs on one CPU thread by default (about 6.5 minutes on a shared 2-core box);
-two builds with the same torch build, CPU and thread count give bit-identical weights. This module logs; progress bars belong to the CLI (pass `progress`).
+two builds with the same torch build, CPU and thread count give bit-identical weights. This module logs; progress
+bars belong to the CLI (pass `progress`).
 """
 
 from __future__ import annotations
@@ -212,6 +213,12 @@ def make_toy_model(config: ToyPairConfig, tokenizer: PreTrainedTokenizerBase) ->
 
 def chat_prompt(problem: Problem) -> list[dict[str, str]]:
     return [{"role": "user", "content": problem.prompt}]
+
+
+def chat_inputs(tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem]) -> dict[str, torch.Tensor]:
+    """Left-padded `input_ids` and `attention_mask` of the chat prompts of `problems`, ready for `generate`."""
+    texts = [tokenizer.apply_chat_template(chat_prompt(p), add_generation_prompt=True, tokenize=False) for p in problems]
+    return tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
 
 
 def sft_batch(
@@ -431,13 +438,7 @@ def generate_completions(
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
     for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        texts = [
-            tokenizer.apply_chat_template(chat_prompt(p), add_generation_prompt=True, tokenize=False) for p in chunk
-        ]
-        inputs = tokenizer(
-            texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
-        ).to(model.device)
+        inputs = chat_inputs(tokenizer, problems[start : start + batch_size]).to(model.device)
         out = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
@@ -467,7 +468,7 @@ def evaluate_toy_model(
 def held_out_problems(config: ToyPairConfig | None = None, n: int | None = None) -> list[Problem]:
     """The fixed held-out evaluation problems of `config` (the first `n`, default `config.eval_problems`)."""
     config = config or ToyPairConfig()
-    return sample_problems(n or config.eval_problems, seed=config.eval_seed, config=config.task, split="held_out")
+    return sample_problems(config.eval_problems if n is None else n, seed=config.eval_seed, config=config.task, split="held_out")
 
 
 # ---------------------------------------------------------------------- the whole build
