@@ -1,7 +1,7 @@
 """`ExtrapolationConfig`: what the directional step distribution is (proposal, criterion, threshold, gamma, warpers).
 
 The config says *what*; `hf_extrapolate.directional` does the math and `hf_extrapolate.processor` wires it into
-`generate()`. It is a plain dataclass validated in `__post_init__`, with a JSON round-trip (`to_dict` / `from_dict`,
+`generate()`. It is a frozen dataclass validated in `__post_init__` (fields cannot be changed after validation: use `replace()`), with a JSON round-trip (`to_dict` / `from_dict`,
 `to_json_file` / `from_json_file`) in the style of PEFT's `adapter_config.json`.
 """
 
@@ -27,7 +27,7 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExtrapolationConfig:
     """Configuration of selective token replacement and test-time extrapolation (the paper's Algorithm 1 and Eq. 7).
 
@@ -89,7 +89,7 @@ class ExtrapolationConfig:
             )
         if not _is_real(self.threshold) or math.isnan(self.threshold):
             raise ValueError(f"`threshold` (={self.threshold!r}) must be a real number, e.g. -0.3 for 'logp_diff'.")
-        self.threshold = float(self.threshold)
+        object.__setattr__(self, "threshold", float(self.threshold))
         if self.criterion == "random" and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(
                 f"`threshold` (={self.threshold}) is the replacement probability of criterion='random' and must lie "
@@ -97,18 +97,18 @@ class ExtrapolationConfig:
             )
         if not _is_real(self.gamma) or not math.isfinite(self.gamma):
             raise ValueError(f"`gamma` (={self.gamma!r}) must be a finite real number; the paper uses 0.05-0.1.")
-        self.gamma = float(self.gamma)
+        object.__setattr__(self, "gamma", float(self.gamma))
         if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(
                 f"`temperature` (={self.temperature!r}) has to be a strictly positive float. If you're looking for "
                 "greedy decoding, call generate with `do_sample=False`."
             )
-        self.temperature = float(self.temperature)
+        object.__setattr__(self, "temperature", float(self.temperature))
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"`top_k` (={self.top_k!r}) has to be a non-negative integer; 0 disables top-k.")
         if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"`top_p` (={self.top_p!r}) has to be a float in (0, 1]; 1.0 disables top-p.")
-        self.top_p = float(self.top_p)
+        object.__setattr__(self, "top_p", float(self.top_p))
         if self.candidate_top_k is not None and (
             isinstance(self.candidate_top_k, bool) or not isinstance(self.candidate_top_k, int) or self.candidate_top_k < 1
         ):

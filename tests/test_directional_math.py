@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import pickle
 
@@ -277,3 +278,12 @@ def test_config_round_trips(tmp_path):
         ExtrapolationConfig.from_dict({"gama": 0.1})
     with pytest.raises(TypeError, match="unknown field"):
         cfg.replace(treshold=0.1)
+
+
+def test_config_is_immutable_after_validation():
+    cfg = ExtrapolationConfig(gamma=0.1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.gamma = float("nan")  # would bypass __post_init__'s validation
+    with pytest.raises(ValueError, match="gamma"):
+        cfg.replace(gamma=float("nan"))
+    assert cfg.gamma == 0.1
