@@ -1,0 +1,150 @@
+"""Throughput of directional decoding inside vLLM (`hf_extrapolate.vllm.DirectionalLLM`).
+
+Same prompts, same random-initialised Llama pair (saved to a temporary folder), every row generates exactly N tokens
+(`ignore_eos`), sampling at T = 1.0, top-p 0.7. Modes, each timed once per N after a warm-up call:
+
+- `plain`: vLLM's `LLM` on the RL model alone (the floor a two-model method is compared with);
+- `directional`: `DirectionalLLM` (both models in vLLM's paged KV cache, one forward of each per step);
+- `reference`: the cost shape of the paper's reference code, written here: two engines (RL and base), one request
+  per row *per token* with the whole prefix (`max_tokens=1`, top-50 log-probs), the step combined in numpy on the
+  top-50 lists (missing entries padded with the list's minimum) and the token appended on the client. vLLM's prefix
+  caching (on by default) spares it most of the re-sent prefix; it is still one engine round trip per token.
+
+Run: `python benchmarks/bench_vllm.py --tokens 256 1024 --json out.json` in the [vllm] environment
+(`VLLM_CPU_KVCACHE_SPACE=1` on CPU). Engines run eagerly (`enforce_eager`) on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+
+
+def save_pair(root: str, hidden: int, layers: int, vocab: int) -> tuple[str, str]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    paths = []
+    for seed, name in ((0, "rl"), (1, "base")):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, head_dim=64,
+                          max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, dtype="float32")
+        path = os.path.join(root, name)
+        LlamaForCausalLM(cfg).save_pretrained(path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def reference_step(rl_top: dict, base_top: dict, rng, threshold: float, gamma: float, top_p: float) -> int:
+    """The reference script's step on top-50 lists: draw from the base's top-50 (top-p), redraw if Δlogp < τ."""
+    ids = list(base_top)
+    base_lp = np.array([base_top[i].logprob for i in ids])
+    rl_min = min(v.logprob for v in rl_top.values())
+    rl_lp = np.array([rl_top[i].logprob if i in rl_top else rl_min for i in ids])
+    order = np.argsort(-base_lp)
+    p = np.exp(base_lp[order] - base_lp.max())
+    p /= p.sum()
+    keep = (np.cumsum(p) - p) < top_p
+    p = np.where(keep, p, 0.0)
+    p /= p.sum()
+    pick = order[rng.choice(len(order), p=p)]
+    if rl_lp[pick] - base_lp[pick] < threshold:
+        ext = (1 + gamma) * rl_lp - gamma * base_lp
+        r = np.exp(ext - ext.max())
+        r /= r.sum()
+        pick = rng.choice(len(ids), p=r)
+    return ids[pick]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--reference-max-tokens", type=int, default=1024)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    from vllm import LLM, SamplingParams
+
+    from hf_extrapolate import ExtrapolationConfig
+    from hf_extrapolate.vllm import DirectionalLLM
+
+    root = tempfile.mkdtemp(prefix="bench_vllm_")
+    rl, base = save_pair(root, args.hidden, args.layers, args.vocab)
+    rng = np.random.default_rng(0)
+    prompts = [{"prompt_token_ids": [1] + rng.integers(3, args.vocab, args.prompt_length - 1).tolist()}
+               for _ in range(args.batch)]
+    max_len = args.prompt_length + max(args.tokens) + 8
+    engine = dict(dtype="float32", max_model_len=max_len, enforce_eager=True, seed=0)
+    config = ExtrapolationConfig(threshold=-0.3, gamma=0.1)
+    results: dict = {"config": vars(args), "rows": []}
+
+    def params(n, **kw):
+        return SamplingParams(temperature=1.0, top_p=0.7, max_tokens=n, ignore_eos=True, **kw)
+
+    times: dict[tuple[str, int], float] = {}
+    llm = LLM(model=rl, **engine)
+    llm.generate(prompts, params(8), use_tqdm=False)
+    for n in args.tokens:
+        times["plain", n] = timed(lambda n=n: llm.generate(prompts, params(n), use_tqdm=False))
+    del llm
+
+    directional = DirectionalLLM(rl, base_model=base, extrapolation_config=config, check_tokenizers=False, **engine)
+    directional.generate(prompts, params(8), use_tqdm=False)
+    for n in args.tokens:
+        times["directional", n] = timed(lambda n=n: directional.generate(prompts, params(n), use_tqdm=False))
+    del directional
+
+    rl_llm, base_llm = LLM(model=rl, **engine), LLM(model=base, **engine)
+    step = SamplingParams(temperature=1.0, max_tokens=1, logprobs=50)
+
+    def reference(n: int) -> None:
+        rows = [list(p["prompt_token_ids"]) for p in prompts]
+        for _ in range(n):
+            batch = [{"prompt_token_ids": r} for r in rows]
+            rl_out = rl_llm.generate(batch, step, use_tqdm=False)
+            base_out = base_llm.generate(batch, step, use_tqdm=False)
+            for row, a, b in zip(rows, rl_out, base_out):
+                row.append(reference_step(a.outputs[0].logprobs[0], b.outputs[0].logprobs[0], rng, -0.3, 0.1, 0.7))
+
+    reference(2)
+    for n in args.tokens:
+        if n <= args.reference_max_tokens:
+            times["reference", n] = timed(lambda n=n: reference(n))
+
+    for n in args.tokens:
+        tokens = args.batch * n
+        row = {"tokens": n, "batch": args.batch}
+        for mode in ("plain", "directional", "reference"):
+            if (mode, n) in times:
+                row[f"{mode}_tok_s"] = tokens / times[mode, n]
+        row["directional_over_plain"] = row["directional_tok_s"] / row["plain_tok_s"]
+        if "reference_tok_s" in row:
+            row["directional_over_reference"] = row["directional_tok_s"] / row["reference_tok_s"]
+        results["rows"].append(row)
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
