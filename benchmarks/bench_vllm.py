@@ -105,13 +105,11 @@ def main() -> None:
     llm.generate(prompts, params(8), use_tqdm=False)
     for n in args.tokens:
         times["plain", n] = timed(lambda n=n: llm.generate(prompts, params(n), use_tqdm=False))
-    del llm
 
     directional = DirectionalLLM(rl, base_model=base, extrapolation_config=config, check_tokenizers=False, **engine)
     directional.generate(prompts, params(8), use_tqdm=False)
     for n in args.tokens:
         times["directional", n] = timed(lambda n=n: directional.generate(prompts, params(n), use_tqdm=False))
-    del directional
 
     rl_llm, base_llm = LLM(model=rl, **engine), LLM(model=base, **engine)
     step = SamplingParams(temperature=1.0, max_tokens=1, logprobs=50)

@@ -25,8 +25,8 @@ def _preemptions(llm) -> float:
 def test_preempted_requests_stay_exact(pair):
     rl, base = pair
     config = ExtrapolationConfig(threshold=-0.5, gamma=0.2)
-    # 8 blocks of 16 tokens (about 112 tokens of both caches) for 4 requests of 12 + 40 tokens: not all fit at once
-    llm = DirectionalLLM(rl, base_model=base, extrapolation_config=config, block_size=16, num_gpu_blocks_override=8,
+    # 4 KV blocks of 32 tokens (128 tokens) for 4 requests of 12 + 40 tokens: not all fit at once
+    llm = DirectionalLLM(rl, base_model=base, extrapolation_config=config, block_size=32, num_gpu_blocks_override=4,
                          enable_prefix_caching=False, disable_log_stats=False,
                          **{**ENGINE_KWARGS, "max_model_len": 96})
     prompts = [[1] + [3 + (5 * i + j) % 80 for j in range(11)] for i in range(4)]
