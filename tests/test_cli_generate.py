@@ -80,3 +80,68 @@ def test_mismatched_tokenizers_one_line(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "rl"), "--base", str(tmp_path / "base"), "--prompt", "w5",
                  "--device", "cpu"]) == 2
     assert "different tokenizers" in capsys.readouterr().err
+
+
+def _fake_hub_cache(root, repo_id, source):
+    """`source`'s files as the local hub cache holds `repo_id` (what from_pretrained finds with HF_HUB_OFFLINE=1)."""
+    import shutil
+
+    commit = "0" * 40
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_generate_accepts_hub_ids_from_the_local_cache(pair, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "someorg/tiny-rl", pair / "rl")
+    _fake_hub_cache(cache, "someorg/tiny-base", pair / "base")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's hf_extrapolate
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "hf_extrapolate.cli", "generate", "--prompt", "w5 w6", "--max-new-tokens", "4",
+           "--temperature", "0", "--device", "cpu", "--no-chat-template"]
+    hub = subprocess.run(cmd + ["--model", "someorg/tiny-rl", "--base", "someorg/tiny-base"], env=env,
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert hub.returncode == 0, hub.stderr
+    assert main(cmd[3:] + ["--model", str(pair / "rl"), "--base", str(pair / "base")]) == 0
+    assert hub.stdout == capsys.readouterr().out and json.loads(hub.stdout)["num_tokens"] >= 1
+
+
+def test_generate_accepts_a_saved_pair_folder(pair, tmp_path, capsys):
+    from hf_extrapolate import DirectionalModelForCausalLM
+
+    model = DirectionalModelForCausalLM.from_pretrained(pair / "rl", base_model=pair / "base")
+    model.save_pretrained(tmp_path / "saved")
+    args = ["generate", "--prompt", "w5 w6", "--max-new-tokens", "4", "--temperature", "0", "--device", "cpu",
+            "--no-chat-template", "--gamma", "0.1"]
+    assert main(args + ["--model", str(pair / "rl"), "--base", str(pair / "base")]) == 0
+    two = capsys.readouterr().out
+    assert main(args + ["--model", str(tmp_path / "saved")]) == 0
+    assert capsys.readouterr().out == two
+    assert main(args + ["--model", str(pair / "adapter")]) == 0  # an adapter folder as --model = --adapter
+    assert main(args + ["--adapter", str(pair / "adapter")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0] == out[1]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "RL", "--base", "BASE", "--device", "bogus"], "--device bogus: not a device name"),
+        (["--model", "RL", "--base", "BASE", "--device", "cuda"], "--device cuda: no cuda device is available"),
+        (["--adapter", "RL"], "not a LoRA adapter folder"),
+    ],
+)
+def test_device_and_adapter_errors_are_one_line(pair, capsys, extra, message):
+    if message.startswith("--device cuda") and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available")
+    extra = [x.replace("RL", str(pair / "rl")).replace("BASE", str(pair / "base")) for x in extra]
+    assert main(["generate", "--prompt", "w5", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -328,3 +328,51 @@ def test_saved_pair_reloads_for_qwen2_and_gemma3(tmp_path, build, with_tokenizer
         tiny_tokenizer(shift=1).save_pretrained(base_dir)
         with pytest.raises(ValueError, match="different tokenizers"):
             DirectionalModelForCausalLM.from_pretrained(tmp_path / "pair")
+
+
+def test_in_memory_pair_is_refused_at_save_or_saved_with_its_base(tmp_path):
+    model = DirectionalModelForCausalLM.from_models(tiny_llama(0), tiny_llama(1), CFG)
+    with pytest.raises(ValueError, match="save_base=True"):
+        model.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()  # nothing half-written
+    inputs = left_padded_batch([3, 5])
+    first = model.generate(**inputs, max_new_tokens=8, pad_token_id=PAD)
+    model.save_pretrained(tmp_path / "pair", save_base=True)
+    record = json.loads((tmp_path / "pair" / "extrapolation_config.json").read_text())
+    assert record["base_model_subfolder"] == "base" and record["base_model_name_or_path"] is None
+    restored = DirectionalModelForCausalLM.from_pretrained(tmp_path / "pair")
+    assert torch.equal(restored.generate(**inputs, max_new_tokens=8, pad_token_id=PAD), first)
+    # the pair folder moves as a whole
+    os.rename(tmp_path / "pair", tmp_path / "moved")
+    moved = DirectionalModelForCausalLM.from_pretrained(tmp_path / "moved")
+    assert torch.equal(moved.generate(**inputs, max_new_tokens=8, pad_token_id=PAD), first)
+
+
+def test_relative_base_path_is_stored_absolute_and_bad_records_name_the_file(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+    _save_model(tiny_llama(0), tok, tmp_path / "rl")
+    _save_model(tiny_llama(1), tok, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model = DirectionalModelForCausalLM.from_pretrained("rl", base_model="base", extrapolation_config=CFG)
+    model.save_pretrained("pair")
+    record_file = tmp_path / "pair" / "extrapolation_config.json"
+    assert json.loads(record_file.read_text())["base_model_name_or_path"] == str(tmp_path / "base")
+    inputs = left_padded_batch([4])
+    first = model.generate(**inputs, max_new_tokens=6, pad_token_id=PAD)
+    monkeypatch.chdir(tmp_path / "rl")  # another working directory
+    again = DirectionalModelForCausalLM.from_pretrained(tmp_path / "pair")
+    assert torch.equal(again.generate(**inputs, max_new_tokens=6, pad_token_id=PAD), first)
+
+    good = record_file.read_text()
+    record_file.write_text(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="extrapolation_config.json is not valid JSON"):
+        DirectionalModelForCausalLM.from_pretrained(tmp_path / "pair")
+    record_file.write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "base")}))
+    with pytest.raises(ValueError, match="no 'extrapolation_config'"):
+        DirectionalModelForCausalLM.from_pretrained(tmp_path / "pair")
+    record_file.write_text(good)
+    os.rename(tmp_path / "base", tmp_path / "base-moved")
+    with pytest.raises(ValueError, match="does not exist .*base_model="):
+        DirectionalModelForCausalLM.from_pretrained(tmp_path / "pair")
+    moved = DirectionalModelForCausalLM.from_pretrained(tmp_path / "pair", base_model=tmp_path / "base-moved")
+    assert torch.equal(moved.generate(**inputs, max_new_tokens=6, pad_token_id=PAD), first)

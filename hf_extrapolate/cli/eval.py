@@ -26,8 +26,12 @@ MODES = ("base", "rl", "replace", "extrapolate")
 # ---------------------------------------------------------------------------------------------- shared options
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models")
-    group.add_argument("--model", default=None, help="the RL model: a folder or hub id for from_pretrained")
-    group.add_argument("--base", default=None, help="the base model it was trained from (same tokenizer)")
+    group.add_argument("--model", default=None,
+                       help="the RL model: a folder or hub id for from_pretrained, or a pair folder written by "
+                       "DirectionalModelForCausalLM.save_pretrained (its base is the recorded one) or a LoRA adapter "
+                       "folder (same as --adapter)")
+    group.add_argument("--base", default=None, help="the base model it was trained from (same tokenizer): a folder "
+                       "or hub id")
     group.add_argument("--adapter", default=None,
                        help="LoRA adapter folder: the RL model is the base model with this adapter merged in "
                        "(--base defaults to the adapter's base model)")
@@ -93,14 +97,44 @@ def process_state(args: argparse.Namespace) -> Any:
     return PartialState(cpu=args.device == "cpu")
 
 
+def _looks_local(value: str) -> bool:
+    """A value that can only be a local path (a hub id is `name` or `org/name`)."""
+    return value.startswith((".", "/", "~")) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
+
+
+def resolve_pair_folder(args: argparse.Namespace) -> None:
+    """`--model` naming a folder written by `save_pretrained` (or a LoRA adapter folder) stands for the whole pair:
+    fill in `--base` from its record, or move it to `--adapter`."""
+    from ..config import CONFIG_NAME
+    from ..modeling import ADAPTER_CONFIG_NAME, _recorded_base, read_pair_record
+
+    if args.adapter is not None or args.model is None or not os.path.isdir(args.model):
+        return
+    if os.path.isfile(os.path.join(args.model, ADAPTER_CONFIG_NAME)):
+        args.adapter, args.model = args.model, None  # a LoRA adapter (or a saved LoRA pair): paired with its base
+    elif os.path.isfile(os.path.join(args.model, CONFIG_NAME)) and args.base is None:
+        try:
+            args.base = _recorded_base(args.model, read_pair_record(args.model))
+        except ValueError as err:
+            raise CLIError(f"--model {args.model}: {err} (or give --base BASE)") from None
+
+
 def check_model_paths(args: argparse.Namespace) -> None:
-    """One clear error for a local model path that does not exist (before transformers' long one)."""
-    if args.adapter is None and (args.model is None or args.base is None):
-        raise CLIError("give --model RL and --base BASE, or --adapter LORA_DIR (with --base if the adapter does not "
-                       "name its base model)")
+    """One clear error for a local model path that does not exist (before transformers' long one); a hub id
+    (`org/name`) is left to `from_pretrained` (with HF_HUB_OFFLINE=1 it resolves from the local cache)."""
     for path, flag in ((args.model, "--model"), (args.base, "--base"), (args.adapter, "--adapter")):
-        if path is not None and (path.startswith((".", "/")) or os.sep in path) and not os.path.exists(path):
+        if path is not None and not os.path.exists(path) and _looks_local(path):
             raise CLIError(f"{flag} {path}: no such folder")
+    resolve_pair_folder(args)
+    if args.adapter is not None and os.path.isdir(args.adapter):
+        from ..modeling import ADAPTER_CONFIG_NAME
+
+        if not os.path.isfile(os.path.join(args.adapter, ADAPTER_CONFIG_NAME)):
+            raise CLIError(f"--adapter {args.adapter}: no {ADAPTER_CONFIG_NAME}, so not a LoRA adapter folder; give a "
+                           "full model as --model RL --base BASE")
+    if args.adapter is None and (args.model is None or args.base is None):
+        raise CLIError("give --model RL and --base BASE, --model SAVED_PAIR_DIR (written by save_pretrained), or "
+                       "--adapter LORA_DIR (with --base if the adapter does not name its base model)")
 
 
 def device_and_dtype(args: argparse.Namespace, state: Any = None) -> tuple[Any, Any]:
@@ -110,12 +144,33 @@ def device_and_dtype(args: argparse.Namespace, state: Any = None) -> tuple[Any, 
     if state is not None and getattr(state, "num_processes", 1) > 1 and args.device in (None, "cuda"):
         device = state.device  # one accelerator per process
     elif args.device is not None:
-        device = torch.device(args.device)
+        device = check_device(args.device)
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.dtype != "auto":
         return device, getattr(torch, args.dtype)
     return device, torch.float32 if device.type == "cpu" else "auto"
+
+
+def check_device(name: str) -> Any:
+    """`torch.device(name)`, or a one-line error when it is not a device or not available in this torch build."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {name}: not a device name; use cpu, cuda, cuda:1, mps, ...") from None
+    backend = getattr(torch, device.type, None)
+    available = device.type == "cpu" or (
+        backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    )
+    if not available:
+        raise CLIError(f"--device {name}: no {device.type} device is available to this torch build "
+                       f"(torch {torch.__version__}); use --device cpu")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise CLIError(f"--device {name}: only {count()} {device.type} device(s) here")
+    return device
 
 
 def load_model(path: str, dtype: Any) -> Any:
