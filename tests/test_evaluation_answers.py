@@ -181,3 +181,56 @@ def test_prompt_is_the_papers_instruction_in_the_chat_template():
     assert build_prompt("What is 1+1?", _ChatTokenizer()) == f"<user>{question}<assistant>"
     with pytest.raises(ValueError, match="--no-chat-template"):
         build_prompt("What is 1+1?", object())
+
+
+def _extract_boxed_by_rescanning(text):
+    """The old, independent definition: for each box from the last, balance braces from its `{` to the end."""
+    import re
+
+    def braced(start):
+        depth, i = 0, start
+        while i < len(text):
+            if text[i] == "\\":
+                i += 2
+                continue
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if text[i] == "}" and depth == 0:
+                return i + 1
+            i += 1
+        return None
+
+    for match in reversed(list(re.finditer(r"\\(?:boxed|fbox)(?![A-Za-z])", text or ""))):
+        i = match.end()
+        while i < len(text) and text[i] in " \t":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            close = braced(i)
+            if close is not None:
+                return text[i + 1 : close - 1].strip()
+        elif i > match.end():
+            bare = re.match(r"[^\s$]+", text[i:])
+            if bare:
+                return bare.group(0)
+    return None
+
+
+def test_extract_boxed_matches_the_rescanning_definition_on_random_text():
+    import random
+
+    rng = random.Random(0)
+    pieces = ["\\boxed", "\\fbox", "\\boxedx", "{", "}", "\\{", "\\}", "\\\\", " ", "\t", "$", "1", "ab", "\\frac"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        assert extract_boxed(text) == _extract_boxed_by_rescanning(text), text
+
+
+def test_extract_boxed_matches_braces_once_per_call(monkeypatch):
+    """Degenerate responses with thousands of unclosed boxes: one brace pass, not one per box (was quadratic)."""
+    from hf_extrapolate.evaluation import answers
+
+    calls = []
+    original = answers._closing_braces
+    monkeypatch.setattr(answers, "_closing_braces", lambda text: calls.append(1) or original(text))
+    assert extract_boxed("\\boxed{1 " * 4000) is None
+    assert extract_boxed("\\boxed{2} " + "\\boxed{" * 8000) == "2"
+    assert len(calls) == 2

@@ -14,34 +14,37 @@ import re
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
 
-def _braced(text: str, start: int) -> int | None:
-    """Index one past the `}` closing the `{` at `start`, skipping escaped braces; None when unbalanced."""
-    depth = 0
-    i = start
-    while i < len(text):
+_BARE_ARGUMENT = re.compile(r"[^\s$]+")
+
+
+def _closing_braces(text: str) -> dict[int, int]:
+    """For every `{` in `text` with a matching `}`, the index one past that `}` (one pass; escaped braces `\\{`,
+    `\\}` are content)."""
+    closing: dict[int, int] = {}
+    stack: list[int] = []
+    i, n = 0, len(text)
+    while i < n:
         char = text[i]
         if char == "\\":
             i += 2
             continue
         if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
+            stack.append(i)
+        elif char == "}" and stack:
+            closing[stack.pop()] = i + 1
         i += 1
-    return None
+    return closing
 
 
-def _box_content(text: str, end_of_command: int) -> str | None:
+def _box_content(text: str, end_of_command: int, closing: dict[int, int]) -> str | None:
     i = end_of_command
     while i < len(text) and text[i] in " \t":
         i += 1
     if i < len(text) and text[i] == "{":
-        close = _braced(text, i)
+        close = closing.get(i)
         return None if close is None else text[i + 1 : close - 1].strip()
     if i > end_of_command:  # `\boxed 5`: the argument runs to the next space or `$`
-        match = re.match(r"[^\s$]+", text[i:])
+        match = _BARE_ARGUMENT.match(text, i)
         return match.group(0) if match else None
     return None
 
@@ -51,6 +54,7 @@ def extract_boxed(text: str | None) -> str | None:
 
     Nested braces are balanced (`\\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`), escaped braces (`\\{`) are content, and
     `\\boxed 5` (no braces) gives `5`. A box cut off by the token limit is skipped in favour of the one before it.
+    Linear in the length of `text` (braces are matched in one pass), however many boxes it has.
 
     >>> extract_boxed("so x = \\\\boxed{\\\\frac{1}{2}}.")
     '\\\\frac{1}{2}'
@@ -59,8 +63,12 @@ def extract_boxed(text: str | None) -> str | None:
     """
     if not text:
         return None
-    for match in reversed(list(_BOX.finditer(text))):
-        content = _box_content(text, match.end())
+    matches = list(_BOX.finditer(text))
+    if not matches:
+        return None
+    closing = _closing_braces(text)
+    for match in reversed(matches):
+        content = _box_content(text, match.end(), closing)
         if content is not None:
             return content
     return None
