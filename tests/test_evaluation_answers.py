@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -234,3 +235,79 @@ def test_extract_boxed_matches_braces_once_per_call(monkeypatch):
     assert extract_boxed("\\boxed{1 " * 4000) is None
     assert extract_boxed("\\boxed{2} " + "\\boxed{" * 8000) == "2"
     assert len(calls) == 2
+
+
+def test_is_correct_works_from_other_threads():
+    """Math-Verify's signal-based time bound fails outside the main thread; there the check runs in a helper process
+    and gives the main thread's answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [("\\frac12", "0.5"), ("3", "0.5"), ("(1, 2]", "(1,2]"), ("x^2", "x^{2}"), ("12", "12")]
+    expected = [is_correct(p, r) for p, r in cases]
+    assert expected == [True, False, True, True, True]
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(lambda pr: is_correct(*pr), cases)) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"problem": "p", "answer": null}', "'answer' (=None) must be a non-empty string"),
+        ('{"problem": "p", "answer": ["2", "3"]}', "'answer' (=['2', '3'])"),
+        ('{"problem": "p", "answer": " "}', "'answer'"),
+        ('{"problem": null, "answer": "2"}', "'problem' (=None) must be a non-empty string"),
+        ('{"problem": "", "answer": "2"}', "'problem' (='') must be"),
+    ],
+)
+def test_load_problems_refuses_answers_and_problems_that_are_not_text(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"problem": "ok", "answer": "1"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: {message}")):
+        load_problems(path)
+
+
+def test_load_problems_numbers_non_utf8_and_foreign_records(tmp_path):
+    from hf_extrapolate.evaluation import read_records
+
+    path = tmp_path / "numbers.jsonl"
+    path.write_text('{"problem": "1+1", "answer": 2}\n{"problem": "1/2", "answer": 0.5}\n')
+    assert [p.answer for p in load_problems(path)] == ["2", "0.5"]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"problem": "caf\xe9", "answer": "1"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{re.escape(str(latin))} is not UTF-8"):
+        load_problems(latin)
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"text": "hello"}\n')
+    with pytest.raises(ValueError, match=r"foreign.jsonl:1 is not an evaluation record \(it lacks \['mode'"):
+        read_records(foreign)
+    with pytest.raises(ValueError, match=r"record 2 lacks \['correct'\]"):
+        summarize([{"mode": "rl", "dataset": "d", "problem_id": "0", "correct": True, "length": 3},
+                   {"mode": "rl", "dataset": "d", "problem_id": "1", "length": 3}])
+
+
+def test_two_merges_into_one_output_do_not_collide(tmp_path):
+    """Two runs merging into the same output used one fixed `<output>.tmp`: FileNotFoundError in a tight loop."""
+    import threading
+
+    from hf_extrapolate.evaluation.results import append_records, merge_results
+
+    output = tmp_path / "out.jsonl"
+    records = [{"mode": "rl", "dataset": "d", "problem_id": str(i), "sample": 0, "correct": True} for i in range(50)]
+    append_records(output, records)
+    errors = []
+
+    def merge_many():
+        try:
+            for _ in range(100):
+                merge_results(output)
+        except Exception as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=merge_many) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:1]
+    assert [r["problem_id"] for r in merge_results(output)] == [str(i) for i in range(50)]
+    assert not list(tmp_path.glob("*.tmp"))

@@ -9,7 +9,11 @@ parse falls back to comparing whitespace-stripped strings.
 from __future__ import annotations
 
 import functools
+import logging
 import re
+import threading
+
+logger = logging.getLogger(__name__)
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
@@ -94,6 +98,23 @@ def _parse_prediction(prediction: str) -> tuple:
     return tuple(_math_verify().parse(f"\\boxed{{{prediction}}}"))
 
 
+# Math-Verify bounds its parse and verify with `signal.alarm`, which only works in the main thread. From any other
+# thread the check runs in one helper process (its main thread, where the same time bounds hold).
+ANSWER_TIMEOUT_S = 5  # Math-Verify's default for parsing and for verifying, each
+_POOL: list = []
+_POOL_LOCK = threading.Lock()
+
+
+def _helper_pool():
+    with _POOL_LOCK:
+        if not _POOL:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            _POOL.append(ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")))
+        return _POOL[0]
+
+
 def is_correct(prediction: str | None, reference: str) -> bool:
     """Whether the extracted `prediction` is mathematically equal to the `reference` answer (Math-Verify).
 
@@ -107,6 +128,26 @@ def is_correct(prediction: str | None, reference: str) -> bool:
         return False
     if not isinstance(reference, str):
         raise TypeError(f"`reference` (={reference!r}) must be the reference answer as a string, e.g. '\\\\frac{{1}}{{2}}'.")
+    if threading.current_thread() is not threading.main_thread():
+        return _is_correct_elsewhere(str(prediction), reference)
+    return _check(str(prediction), reference)
+
+
+@functools.lru_cache(maxsize=65536)
+def _is_correct_elsewhere(prediction: str, reference: str) -> bool:
+    """`is_correct` from a non-main thread: in the helper process, where Math-Verify's time bounds work."""
+    future = _helper_pool().submit(_check, prediction, reference)
+    # the helper's own alarms end a long parse or verify (False, as in the main thread); the margin covers the
+    # helper's start (imports)
+    try:
+        return future.result(timeout=2 * ANSWER_TIMEOUT_S + 120)
+    except TimeoutError:
+        future.cancel()
+        logger.warning("Math-Verify did not answer in time for %r vs %r: counted as wrong.", prediction[:80], reference)
+        return False
+
+
+def _check(prediction: str, reference: str) -> bool:
     gold = _parse_reference(reference)
     target = _parse_prediction(str(prediction))
     if not gold or not target:
