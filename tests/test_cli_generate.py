@@ -145,3 +145,20 @@ def test_device_and_adapter_errors_are_one_line(pair, capsys, extra, message):
     assert main(["generate", "--prompt", "w5", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_generate_reasoning_prompt_matches_eval_and_help_says_what_proposes(pair, capsys):
+    from hf_extrapolate.cli import build_parser
+    from hf_extrapolate.evaluation.prompts import format_question
+
+    args = ["generate", "--model", str(pair / "rl"), "--base", str(pair / "base"), "--max-new-tokens", "4",
+            "--temperature", "0", "--device", "cpu", "--no-chat-template"]
+    assert main(args + ["--prompt", "w5 w6", "--reasoning-prompt"]) == 0
+    with_suffix = json.loads(capsys.readouterr().out)
+    assert main(args + ["--prompt", format_question("w5 w6")]) == 0
+    assert json.loads(capsys.readouterr().out)["completion"] == with_suffix["completion"]
+    assert with_suffix["prompt"] == "w5 w6"
+    sub = build_parser()._subparsers._group_actions[0].choices["generate"]
+    text = " ".join(sub.format_help().split())
+    assert "default: base, as in Algorithm 1" in text and "--proposal rl is the paper's Table 1" in text
+    assert "Avg@k" not in text and "extrapolate mode" not in text

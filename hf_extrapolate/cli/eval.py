@@ -50,7 +50,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--limit", type=int, default=None, help="use the first N problems of each file")
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int = 1024) -> None:
+def add_sampling_arguments(
+    parser: argparse.ArgumentParser, *, max_new_tokens: int = 1024,
+    samples_help: str = "samples per problem: the k of Avg@k, Pass@k up to k (default: 1)",
+) -> None:
     group = parser.add_argument_group("sampling (the same for every mode)")
     group.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                        help=f"response length limit (default: {max_new_tokens})")
@@ -58,7 +61,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: i
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0, off)")
     group.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: 0, off)")
     group.add_argument("--num-return-sequences", "-k", type=int, default=1, dest="num_return_sequences",
-                       help="samples per problem: the k of Avg@k, Pass@k up to k (default: 1)")
+                       help=samples_help)
     group.add_argument("--seed", type=int, default=0, help="seed; batches are seeded alike in every mode (default: 0)")
     group.add_argument("--batch-size", type=int, default=8, help="problems per generate call (default: 8)")
     group.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
@@ -66,7 +69,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: i
                        "--no-chat-template for raw prompts to base models")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, *, criterion: bool = True, gamma: bool = True) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, *, criterion: bool = True, gamma: bool = True, modes: bool = True
+) -> None:
+    """The directional decoding options; `modes=False` for commands without an extrapolate mode (`generate`)."""
+    where = " of the extrapolate mode" if modes else ""
     group = parser.add_argument_group("directional decoding")
     if criterion:
         group.add_argument("--criterion", default="logp_diff", choices=CRITERIA,
@@ -74,9 +81,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, criterion: bool = T
         group.add_argument("--threshold", type=float, default=-0.3, help="tau of the criterion (default: -0.3)")
     if gamma:
         group.add_argument("--gamma", type=float, default=0.0,
-                           help="extrapolation strength of the extrapolate mode; the paper uses 0.05-0.1 (default: 0)")
+                           help=f"extrapolation strength{where}; the paper uses 0.05-0.1 (default: 0)")
     group.add_argument("--proposal", default="base", choices=PROPOSALS,
-                       help="proposal model of the extrapolate mode (default: base)")
+                       help=f"the model that proposes each token{where} (default: base, as in Algorithm 1; rl: the "
+                       "paper's Table 1 variant)")
     group.add_argument("--candidate-top-k", type=int, default=None,
                        help="restrict the replacement distribution to the proposal's top-k tokens (default: off)")
 
