@@ -12,7 +12,7 @@ from hf_extrapolate.evaluation import read_records
 
 from .test_evaluation_runner import build_tokenizer, tiny_pair, write_problems
 
-SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
+EXAMPLE_DATA = Path(__file__).parents[1] / "examples" / "data"  # shipped: 8 problems of each set
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +123,9 @@ def test_eval_with_a_lora_adapter_is_eval_with_the_merged_model(checkpoint, tmp_
     assert texts["adapter"] == texts["merged"]
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not available")
 def test_eval_reads_the_shared_data_sets(checkpoint, tmp_path, monkeypatch):
     output = tmp_path / "shared.jsonl"
-    files = [str(SHARED_DATA / "aime24.jsonl"), str(SHARED_DATA / "gsm8k_test.jsonl")]
+    files = [str(EXAMPLE_DATA / "aime24.jsonl"), str(EXAMPLE_DATA / "gsm8k_test.jsonl")]
     argv = ["eval", *common(checkpoint), "--data", *files, "--limit", "1", "--modes", "base", "--output", str(output)]
     assert run_cli(monkeypatch, argv) == 0
     records = read_records(output)

@@ -23,7 +23,7 @@ from hf_extrapolate.evaluation import (
     summarize,
 )
 
-SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
+EXAMPLE_DATA = Path(__file__).parents[1] / "examples" / "data"  # shipped: 8 problems of each set
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> Fraction:
@@ -158,10 +158,9 @@ def test_load_problems_and_errors(tmp_path):
         load_datasets([path, path])
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not available")
 def test_shared_datasets_load_and_references_verify_against_themselves():
     names = ["aime24", "aime25", "amc23", "math500", "minerva", "gsm8k_test"]
-    problems = load_datasets([SHARED_DATA / f"{name}.jsonl" for name in names], limit=8)
+    problems = load_datasets([EXAMPLE_DATA / f"{name}.jsonl" for name in names], limit=8)
     assert [p.dataset for p in problems[::8]] == names
     for problem in problems:
         assert problem.problem and problem.answer

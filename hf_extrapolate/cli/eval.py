@@ -46,7 +46,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", nargs="+", required=True, metavar="JSONL",
-                       help="problem files with 'problem' and 'answer' per line, e.g. ../shared/data/aime24.jsonl")
+                       help="problem files with 'problem' and 'answer' per line, e.g. examples/data/aime24.jsonl")
     group.add_argument("--limit", type=int, default=None, help="use the first N problems of each file")
 
 

@@ -1,8 +1,9 @@
 """Math problem sets as JSON Lines: one `{"problem": ..., "answer": ...}` object per line.
 
-The files the paper evaluates on (AIME-24/25, AMC-23, MATH-500, Minerva, GSM8K) come in this form in the project's
-`../shared/data/`; any user file with the two keys works too. Optional keys: `id` (defaults to `<dataset>-<line>`),
-`source`. This module only reads; it does not download or cache data sets.
+The files the paper evaluates on (AIME-24/25, AMC-23, MATH-500, Minerva, GSM8K) come in this form
+(`examples/data/` in the repository holds the first 8 problems of each); any user file with the two keys works too.
+Optional keys: `id` (defaults to `<dataset>-<line>`), `source`. `answer` must be a non-empty string (or a number);
+`problem` a non-empty string. This module only reads; it does not download or cache data sets.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class Problem:
 
 
 def dataset_name(path: str | os.PathLike) -> str:
-    """The data set name of a file: its name without `.jsonl` (`../shared/data/aime24.jsonl` -> `aime24`)."""
+    """The data set name of a file: its name without `.jsonl` (`examples/data/aime24.jsonl` -> `aime24`)."""
     name = Path(path).name
     return name[: -len(".jsonl")] if name.endswith(".jsonl") else Path(path).stem
 
@@ -45,7 +46,7 @@ def load_problems(path: str | os.PathLike, *, limit: int | None = None, name: st
     if not path.is_file():
         raise FileNotFoundError(
             f"Problem file {str(path)!r} does not exist. Pass a JSON Lines file with 'problem' and 'answer' keys, "
-            "e.g. ../shared/data/aime24.jsonl."
+            "e.g. examples/data/aime24.jsonl."
         )
     name = name or dataset_name(path)
     problems: list[Problem] = []
