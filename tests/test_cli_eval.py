@@ -73,6 +73,10 @@ def test_sweep_calibrates_each_criterion_and_evaluates_the_grid(checkpoint, tmp_
     assert thresholds["entropy"]["0.2"] > thresholds["entropy"]["0.6"]  # fires above tau: lower tau, more
     assert len(summary["summary"]) == 2 + 2 * 2
     assert (tmp_path / "plots" / "accuracy_vs_ratio.png").exists()
+    # rows are named by target ratio; the calibrated tau is the record's threshold
+    rows = {r["mode"]: r for r in summary["summary"]}
+    assert {"replace:logp_diff@ratio=0.2", "replace:entropy@ratio=0.6"} <= set(rows)
+    assert rows["replace:entropy@ratio=0.6"]["threshold"] == thresholds["entropy"]["0.6"]
 
 
 def test_sweep_over_given_thresholds_and_gammas(checkpoint, tmp_path, monkeypatch):

@@ -310,3 +310,23 @@ def test_two_merges_into_one_output_do_not_collide(tmp_path):
     assert not errors, errors[:1]
     assert [r["problem_id"] for r in merge_results(output)] == [str(i) for i in range(50)]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_accuracy_plot_has_no_negative_axis_when_everything_is_zero(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from hf_extrapolate.evaluation import plot_accuracy_vs_ratio
+
+    limits = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: limits.extend(ax.get_ylim() for ax in self.axes)
+                        or original(self, *a, **k))
+    common = dict(dataset="d", criterion=None, gamma=None, proposal=None, avg_at_k=0.0)
+    rows = [dict(common, mode="base", kind="base", replace_ratio=0.0),
+            dict(common, mode="rl", kind="rl", replace_ratio=1.0),
+            dict(common, mode="replace:logp_diff@-0.3", kind="directional", criterion="logp_diff", gamma=0.0,
+                 proposal="base", replace_ratio=0.05)]
+    plot_accuracy_vs_ratio(rows, tmp_path / "zero.png")
+    rows[1]["avg_at_k"] = 0.5
+    plot_accuracy_vs_ratio(rows, tmp_path / "half.png")
+    assert limits[0][0] == 0 and limits[0][1] > 0 and limits[1] == (0, 54.0)
