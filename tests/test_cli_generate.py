@@ -162,3 +162,18 @@ def test_generate_reasoning_prompt_matches_eval_and_help_says_what_proposes(pair
     text = " ".join(sub.format_help().split())
     assert "default: base, as in Algorithm 1" in text and "--proposal rl is the paper's Table 1" in text
     assert "Avg@k" not in text and "extrapolate mode" not in text
+
+
+def test_small_models_run_on_one_thread_unless_told(pair, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    previous = torch.get_num_threads()
+    args = ["generate", "--model", str(pair / "rl"), "--base", str(pair / "base"), "--prompt", "w5",
+            "--max-new-tokens", "2", "--device", "cpu", "--no-chat-template"]
+    try:
+        torch.set_num_threads(2)
+        assert main(args) == 0 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert main(["--threads", "2", *args]) == 0 and torch.get_num_threads() == 2
+        assert main(["--threads", "0", *args]) == 2 and "--threads must be >= 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(previous)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CRITERIA, PROPOSALS
-from . import CLIError
+from . import CLIError, choose_threads
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +239,9 @@ def load_pair(args: argparse.Namespace, state: Any = None) -> tuple[Any, Any, An
         rl_model = load_model(args.model, dtype)
     base_model = load_model(base_path, dtype)
     tokenizer = load_tokenizer(args, args.model, args.adapter, base_path)
-    return rl_model.to(device).eval(), base_model.to(device).eval(), tokenizer
+    rl_model, base_model = rl_model.to(device).eval(), base_model.to(device).eval()
+    choose_threads(args, rl_model, base_model)
+    return rl_model, base_model, tokenizer
 
 
 def load_problems_arg(args: argparse.Namespace) -> list:

@@ -19,7 +19,7 @@ import torch
 
 from ..config import ExtrapolationConfig
 from ..statistics import generated_mask
-from . import CLIError
+from . import CLIError, choose_threads
 from .eval import (
     adapter_base_path,
     add_config_arguments,
@@ -100,6 +100,7 @@ def load_directional_model(args: argparse.Namespace) -> tuple[Any, Any]:
             load_model(args.model, dtype).to(device).eval(), load_model(args.base, dtype).to(device).eval(),
             base_model_name_or_path=args.base, vocab_size=vocab_size,
         )
+    choose_threads(args, model.rl_model, model.reference_model)
     tokenizer = load_tokenizer(args, args.model, args.adapter, base_path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
