@@ -24,7 +24,7 @@ DEFAULT_THRESHOLD, DEFAULT_GAMMA = -0.3, 0.1
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="base vs RL vs selective extrapolation on the built-in toy pair (offline, about a minute on a CPU)",
+        help="base vs RL vs selective extrapolation on the built-in toy pair (offline; 0.5-2 min on a busy 2-core CPU)",
         description="Runs the built-in toy base/RLVR pair (a tiny Llama trained by this library on multi-step "
         "arithmetic) on held-out problems: the completions of each mode with the redrawn tokens highlighted, then "
         "an accuracy table over --eval-problems problems.",
