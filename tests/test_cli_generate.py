@@ -177,3 +177,18 @@ def test_small_models_run_on_one_thread_unless_told(pair, capsys, monkeypatch):
         assert main(["--threads", "0", *args]) == 2 and "--threads must be >= 1" in capsys.readouterr().err
     finally:
         torch.set_num_threads(previous)
+
+
+def test_tokenizer_check_in_eval_and_its_switch(tmp_path, capsys):
+    for name, seed, shift in (("rl", 0, 0), ("base", 1, 1)):
+        tiny_llama(seed).save_pretrained(tmp_path / name)
+        tiny_tokenizer(shift=shift).save_pretrained(tmp_path / name)
+    (tmp_path / "p.jsonl").write_text('{"problem": "w5", "answer": "1"}\n')
+    common = ["--model", str(tmp_path / "rl"), "--base", str(tmp_path / "base"), "--device", "cpu",
+              "--no-chat-template", "--max-new-tokens", "2"]
+    evaluation = ["eval", *common, "--data", str(tmp_path / "p.jsonl"), "--modes", "base", "--no-progress",
+                  "--output", str(tmp_path / "out.jsonl")]
+    assert main(evaluation) == 2
+    assert "different tokenizers" in capsys.readouterr().err
+    assert main(["generate", *common, "--prompt", "w5", "--no-tokenizer-check"]) == 0
+    assert main([*evaluation, "--no-tokenizer-check"]) == 0

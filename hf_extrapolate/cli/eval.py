@@ -36,6 +36,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="LoRA adapter folder: the RL model is the base model with this adapter merged in "
                        "(--base defaults to the adapter's base model)")
     group.add_argument("--tokenizer", default=None, help="tokenizer folder or id (default: --model / --adapter)")
+    group.add_argument("--no-tokenizer-check", dest="check_tokenizers", action="store_false",
+                       help="skip the check that --model and --base ship the same tokenizer (a checkpoint without "
+                       "tokenizer files is never compared)")
     group.add_argument("--device", default=None,
                        help="cpu, cuda, cuda:1, ... (default: the process's accelerator under accelerate launch, else "
                        "cuda when available, else cpu)")
@@ -236,6 +239,10 @@ def load_pair(args: argparse.Namespace, state: Any = None) -> tuple[Any, Any, An
         rl_model = PeftModel.from_pretrained(load_model(base_path, dtype), args.adapter).merge_and_unload()
     else:
         base_path = args.base
+        if args.check_tokenizers:
+            from ..modeling import check_same_tokenizer
+
+            check_same_tokenizer(args.model, base_path)
         rl_model = load_model(args.model, dtype)
     base_model = load_model(base_path, dtype)
     tokenizer = load_tokenizer(args, args.model, args.adapter, base_path)

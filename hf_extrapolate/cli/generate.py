@@ -95,7 +95,7 @@ def load_directional_model(args: argparse.Namespace) -> tuple[Any, Any]:
         from ..modeling import check_same_tokenizer
 
         base_path = args.base
-        vocab_size = check_same_tokenizer(args.model, args.base)
+        vocab_size = check_same_tokenizer(args.model, args.base) if args.check_tokenizers else None
         model = DirectionalModelForCausalLM(
             load_model(args.model, dtype).to(device).eval(), load_model(args.base, dtype).to(device).eval(),
             base_model_name_or_path=args.base, vocab_size=vocab_size,
