@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
-ROWS = {"rl", "base", "directional", "directional_wrapper", "peft", "lora_fused", "lora_fallback", "naive"}
+ROWS = {"rl", "base", "directional", "directional_wrapper", "peft", "lora_fused", "lora_fallback", "naive", "minimal"}
 
 
 def _positive(x) -> bool:
