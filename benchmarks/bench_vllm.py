@@ -93,12 +93,12 @@ def main() -> None:
     prompts = [{"prompt_token_ids": [1] + rng.integers(3, args.vocab, args.prompt_length - 1).tolist()}
                for _ in range(args.batch)]
     max_len = args.prompt_length + max(args.tokens) + 8
-    engine = dict(dtype="float32", max_model_len=max_len, enforce_eager=True, seed=0)
+    engine = dict(dtype="float32", max_model_len=max_len, enforce_eager=True, seed=0, skip_tokenizer_init=True)
     config = ExtrapolationConfig(threshold=-0.3, gamma=0.1)
     results: dict = {"config": vars(args), "rows": []}
 
     def params(n, **kw):
-        return SamplingParams(temperature=1.0, top_p=0.7, max_tokens=n, ignore_eos=True, **kw)
+        return SamplingParams(temperature=1.0, top_p=0.7, max_tokens=n, ignore_eos=True, detokenize=False, **kw)
 
     times: dict[tuple[str, int], float] = {}
     llm = LLM(model=rl, **engine)
@@ -112,7 +112,7 @@ def main() -> None:
         times["directional", n] = timed(lambda n=n: directional.generate(prompts, params(n), use_tqdm=False))
 
     rl_llm, base_llm = LLM(model=rl, **engine), LLM(model=base, **engine)
-    step = SamplingParams(temperature=1.0, max_tokens=1, logprobs=50)
+    step = SamplingParams(temperature=1.0, max_tokens=1, logprobs=50, detokenize=False)
 
     def reference(n: int) -> None:
         rows = [list(p["prompt_token_ids"]) for p in prompts]
