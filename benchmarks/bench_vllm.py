@@ -105,13 +105,15 @@ def main() -> None:
     llm.generate(prompts, params(8), use_tqdm=False)
     for n in args.tokens:
         times["plain", n] = timed(lambda n=n: llm.generate(prompts, params(n), use_tqdm=False))
+        print("plain", n, times["plain", n], flush=True)
 
     directional = DirectionalLLM(rl, base_model=base, extrapolation_config=config, check_tokenizers=False, **engine)
     directional.generate(prompts, params(8), use_tqdm=False)
     for n in args.tokens:
         times["directional", n] = timed(lambda n=n: directional.generate(prompts, params(n), use_tqdm=False))
+        print("directional", n, times["directional", n], flush=True)
 
-    rl_llm, base_llm = LLM(model=rl, **engine), LLM(model=base, **engine)
+    rl_llm, base_llm = LLM(model=rl, max_logprobs=50, **engine), LLM(model=base, max_logprobs=50, **engine)
     step = SamplingParams(temperature=1.0, max_tokens=1, logprobs=50, detokenize=False)
 
     def reference(n: int) -> None:
@@ -127,6 +129,7 @@ def main() -> None:
     for n in args.tokens:
         if n <= args.reference_max_tokens:
             times["reference", n] = timed(lambda n=n: reference(n))
+            print("reference", n, times["reference", n], flush=True)
 
     for n in args.tokens:
         tokens = args.batch * n
