@@ -31,6 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, LogitsProcessorList
 
 from .config import CONFIG_NAME, ExtrapolationConfig
+from .lookahead import lookahead_generate
 from .peft_pair import FusedLoRAReference, _tuner_layers, adapter_disabled, check_pairable, fused_unsupported_reason
 from .processor import DirectionalLogitsProcessor
 from .reference import ReferenceModel, check_causal_lm
@@ -281,7 +282,13 @@ class DirectionalModelForCausalLM(torch.nn.Module, GenerationMixin):
         """transformers' `generate` on the RL model with the directional processor; `extrapolation_config=`
         overrides the model's config for this call. Returns what `generate` returns; with
         `return_dict_in_generate=True` the output also carries `replace_ratio` (rows,) and
-        `replaced_token_probability` (rows, new tokens)."""
+        `replaced_token_probability` (rows, new tokens). `lookahead=k` drafts k tokens per round with the proposal
+        model and checks them in one forward of the other (`hf_extrapolate.lookahead`; same distribution)."""
+        if kwargs.get("lookahead") is not None:
+            return lookahead_generate(
+                self, inputs, generation_config, logits_processor, extrapolation_config, **kwargs
+            )
+        kwargs.pop("lookahead", None)
         cfg = extrapolation_config if extrapolation_config is not None else self.extrapolation_config
         if not isinstance(cfg, ExtrapolationConfig):
             raise TypeError(f"`extrapolation_config` must be an ExtrapolationConfig, got {type(cfg).__name__}.")
