@@ -326,8 +326,6 @@ def lookahead_generate(
     """`DirectionalModelForCausalLM.generate(..., lookahead=k)`: resolve generate's arguments, run
     `lookahead_decode`, and return what `generate` returns (a tensor, or a `GenerateDecoderOnlyOutput` carrying
     `replace_ratio` and `replaced_token_probability` with `return_dict_in_generate=True`)."""
-    from .modeling import UNSUPPORTED_WARPERS
-
     k = check_lookahead(lookahead)
     if logits_processor:
         raise ValueError(
@@ -344,6 +342,32 @@ def lookahead_generate(
         if kwargs.get(name) is not None:
             raise ValueError(f"`{name}` cannot be combined with `lookahead`: use one or the other.")
     gen = pair._resolve_generation_config(generation_config, kwargs)
+    cfg = _check_generation_config(gen, cfg)
+    nrs = gen.num_return_sequences or 1
+    input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+    kwargs.pop("input_ids", None)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("`lookahead` needs `input_ids` as a (batch, length) tensor.")
+    attention_mask = kwargs.pop("attention_mask", None)
+    if attention_mask is None:
+        attention_mask = pair._infer_attention_mask(input_ids, gen)
+    kwargs.pop("use_cache", None)
+    if kwargs:
+        raise ValueError(f"Unsupported argument(s) with `lookahead`: {sorted(kwargs)}.")
+    max_new = gen.max_new_tokens
+    if max_new is None:
+        max_new = max(0, (gen.max_length or 20) - input_ids.shape[1])
+    if nrs > 1:
+        input_ids = input_ids.repeat_interleave(nrs, dim=0)
+        attention_mask = attention_mask.repeat_interleave(nrs, dim=0) if attention_mask is not None else None
+
+    return _run(pair, gen, cfg, input_ids, attention_mask, k, int(max_new), stopping_criteria, streamer, generator)
+
+
+def _check_generation_config(gen: GenerationConfig, cfg: ExtrapolationConfig) -> ExtrapolationConfig:
+    """Refuse what lookahead decoding does not do; return `cfg` with generate's temperature / top-k / top-p."""
+    from .modeling import UNSUPPORTED_WARPERS
+
     if (gen.num_beams or 1) > 1:
         raise ValueError(f"`num_beams` (={gen.num_beams}) > 1 cannot be combined with `lookahead`: beam search is not "
                          "lookahead decoding. Use num_beams=1 or drop `lookahead`.")
@@ -363,28 +387,16 @@ def lookahead_generate(
     if not do_sample and nrs > 1:
         raise ValueError(f"Greedy decoding without beam search does not support `num_return_sequences` (={nrs}) "
                          "different than 1; pass do_sample=True.")
-    cfg = cfg.replace(
+    return cfg.replace(
         temperature=float(gen.temperature) if do_sample and gen.temperature is not None else 1.0,
         top_k=int(gen.top_k) if do_sample and gen.top_k else 0,
         top_p=float(gen.top_p) if do_sample and gen.top_p is not None else 1.0,
     )
-    input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-    kwargs.pop("input_ids", None)
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError("`lookahead` needs `input_ids` as a (batch, length) tensor.")
-    attention_mask = kwargs.pop("attention_mask", None)
-    if attention_mask is None:
-        attention_mask = pair._infer_attention_mask(input_ids, gen)
-    kwargs.pop("use_cache", None)
-    if kwargs:
-        raise ValueError(f"Unsupported argument(s) with `lookahead`: {sorted(kwargs)}.")
-    max_new = gen.max_new_tokens
-    if max_new is None:
-        max_new = max(0, (gen.max_length or 20) - input_ids.shape[1])
-    if nrs > 1:
-        input_ids = input_ids.repeat_interleave(nrs, dim=0)
-        attention_mask = attention_mask.repeat_interleave(nrs, dim=0) if attention_mask is not None else None
 
+
+def _run(pair, gen, cfg, input_ids, attention_mask, k, max_new, stopping_criteria, streamer, generator):
+    """Run `lookahead_decode` for the pair and package the result as `generate` does."""
+    do_sample = bool(gen.do_sample)
     if pair.is_lora_pair:
         from .peft_pair import _tuner_layers, adapter_disabled
 
@@ -394,7 +406,7 @@ def lookahead_generate(
         base_model, base_context = pair._reference_model, None
     result = lookahead_decode(
         pair.rl_model, base_model, input_ids, attention_mask, cfg, lookahead=k, do_sample=do_sample,
-        max_new_tokens=int(max_new), eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
+        max_new_tokens=max_new, eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
         base_context=base_context, vocab_size=pair.vocab_size, stopping_criteria=stopping_criteria, streamer=streamer,
         output_scores=bool(gen.return_dict_in_generate and gen.output_scores),
         output_logits=bool(gen.return_dict_in_generate and gen.output_logits), generator=generator,
@@ -412,3 +424,88 @@ def lookahead_generate(
     out["replace_ratio"] = ratio
     out["replaced_token_probability"] = result["posterior"].masked_fill(~valid, float("nan"))
     return out
+
+
+# arguments transformers' generate passes to a `custom_generate` folder that the wrapper's generate does not take
+_CUSTOM_DROPPED = ("synced_gpus", "tokenizer", "assistant_tokenizer")
+
+
+def custom_generate_entry(
+    model: Any,
+    *,
+    base_model: Any = None,
+    extrapolation_config: ExtrapolationConfig | dict | None = None,
+    lookahead: int | None = 8,
+    lora_strategy: str = "auto",
+    **generate_arguments: Any,
+):
+    """What `custom_generate/generate.py` runs: `DirectionalModelForCausalLM(model, base_model, ...).generate(...)`.
+
+    `generate_arguments` are those of transformers' `generate` (unset ones arrive as None and are dropped).
+    """
+    from .modeling import DirectionalModelForCausalLM
+
+    if isinstance(extrapolation_config, dict):
+        extrapolation_config = ExtrapolationConfig.from_dict(extrapolation_config)
+    if base_model is None and not hasattr(model, "peft_config"):
+        raise ValueError(
+            "custom_generate (hf_extrapolate) needs `base_model=`: pass the base model the RL model was tuned from "
+            "(or call it on a PEFT model, whose adapter-off weights are the base)."
+        )
+    pair = DirectionalModelForCausalLM(model, base_model, extrapolation_config, lora_strategy=lora_strategy)
+    for name in _CUSTOM_DROPPED:
+        generate_arguments.pop(name, None)
+    kwargs = {name: value for name, value in generate_arguments.items() if value is not None}
+    return pair.generate(lookahead=lookahead, **kwargs)
+
+
+def lookahead_custom_generate(
+    model: Any,
+    input_ids: torch.LongTensor,
+    logits_processor: Any = None,
+    stopping_criteria: Any = None,
+    generation_config: GenerationConfig | None = None,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    base_model: Any = None,
+    extrapolation_config: ExtrapolationConfig | None = None,
+    lookahead: int = 8,
+    lora_strategy: str = "auto",
+    **model_kwargs: Any,
+):
+    """A `custom_generate` callable: `rl_model.generate(**inputs, custom_generate=lookahead_custom_generate,
+    base_model=base, lookahead=8, ...)` runs lookahead decoding on a plain model.
+
+    transformers calls it after preparing generate's inputs (rows already repeated for `num_return_sequences`,
+    `max_length` resolved, logits processors and stopping criteria built from the generation config). Temperature /
+    top-k / top-p are read from the generation config and applied inside each component; any other logits processor
+    is refused; the max-length and EOS criteria are handled natively, other stopping criteria are applied.
+    """
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+
+    from .modeling import DirectionalModelForCausalLM
+
+    k = check_lookahead(lookahead)
+    if synced_gpus:
+        raise ValueError("`synced_gpus=True` is not supported with lookahead decoding.")
+    warpers = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    others = [type(p).__name__ for p in (logits_processor or []) if not isinstance(p, warpers)]
+    if others:
+        raise ValueError(f"Logits processors {others} cannot be combined with lookahead decoding (it computes the "
+                         "directional step itself); unset the settings that create them.")
+    if base_model is None and not hasattr(model, "peft_config"):
+        raise ValueError("`base_model` is required: `generate(custom_generate=lookahead_custom_generate, "
+                         "base_model=base, ...)` (a PEFT model without it uses its adapter-off weights).")
+    pair = DirectionalModelForCausalLM(model, base_model, extrapolation_config, lora_strategy=lora_strategy)
+    gen = copy.deepcopy(generation_config)
+    gen.num_return_sequences = 1  # transformers has validated it and repeated the rows already
+    cfg = _check_generation_config(gen, pair.extrapolation_config)
+    attention_mask = model_kwargs.pop("attention_mask", None)
+    for name in ("use_cache", "cache", "past_key_values", "logits_to_keep", "position_ids"):  # prepared by generate
+        model_kwargs.pop(name, None)
+    if model_kwargs:
+        raise ValueError(f"Unsupported argument(s) with lookahead decoding: {sorted(model_kwargs)}.")
+    kept = [c for c in (stopping_criteria or []) if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+    max_new = max(0, int(gen.max_length) - input_ids.shape[1])
+    return _run(pair, gen, cfg, input_ids, attention_mask, k, max_new, StoppingCriteriaList(kept), streamer, None)

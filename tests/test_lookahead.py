@@ -313,3 +313,33 @@ def test_lookahead_refuses_what_it_does_not_do(pair, batch, kwargs, match):
     model = DirectionalModelForCausalLM(*pair)
     with pytest.raises(ValueError, match=match):
         model.generate(**batch, max_new_tokens=4, **kwargs)
+
+
+def test_custom_generate_folder_and_callable_on_a_plain_model(pair, batch):
+    from hf_extrapolate import CUSTOM_GENERATE_DIR
+    from hf_extrapolate.lookahead import lookahead_custom_generate
+
+    rl, base = pair
+    cfg = ExtrapolationConfig(threshold=-0.3, proposal="rl", gamma=0.2)
+    ref = DirectionalModelForCausalLM(rl, base, cfg).generate(**batch, do_sample=False, max_new_tokens=9)
+    kw = dict(base_model=base, extrapolation_config=cfg, do_sample=False, max_new_tokens=9)
+    folder = rl.generate(**batch, custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True, lookahead=4, **kw)
+    assert torch.equal(folder, ref)
+    step = rl.generate(**batch, custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True, lookahead=None, **kw)
+    assert torch.equal(step, ref)
+    call = rl.generate(**batch, custom_generate=lookahead_custom_generate, lookahead=4, **kw)
+    assert torch.equal(call, ref)
+    # sampling through the callable: transformers repeats the rows, the scores are log q (full recompute)
+    torch.manual_seed(0)
+    out = rl.generate(**batch, custom_generate=lookahead_custom_generate, base_model=base, extrapolation_config=cfg,
+                      lookahead=3, do_sample=True, top_k=0, top_p=0.9, max_new_tokens=7, num_return_sequences=2,
+                      return_dict_in_generate=True, output_scores=True)
+    prompt = batch["input_ids"].shape[1]
+    mask = batch["attention_mask"].repeat_interleave(2, dim=0)
+    ref_scores = full_recompute_scores(rl, base, out.sequences, mask, cfg.replace(top_p=0.9), prompt)
+    valid = ~out.replaced_token_probability.isnan()
+    assert out.sequences.shape[0] == 6 and bool(valid[:, 0].all())
+    for t, (s, r) in enumerate(zip(out.scores, ref_scores, strict=True)):
+        torch.testing.assert_close(s[valid[:, t]], r[valid[:, t]], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="base_model"):
+        rl.generate(**batch, custom_generate=lookahead_custom_generate, lookahead=4, max_new_tokens=3)
