@@ -11,6 +11,8 @@ Rows, timed on the same prompts, interleaved within every repeat (warm-up, then 
 
 1. `rl`: plain `rl_model.generate` (the floor for one model);
 2. `base`: plain `base_model.generate` (1 + 2 is the floor for two separate models);
+   `minimal`: the least two models alternating in one loop cost, a processor that feeds the newest token to the base
+   with its own cache and computes nothing (`directional_vs_minimal` is the processor's own overhead);
 3. `directional`: `rl_model.generate` with a `DirectionalLogitsProcessor` on a separate base model, and
    `directional_wrapper`: the same through `DirectionalModelForCausalLM`;
 4. `peft`: plain generate of a PEFT LoRA model (adapter on), `lora_fused` / `lora_fallback`: that adapter paired with
@@ -56,7 +58,7 @@ from hf_extrapolate.directional import directional_step
 PAD, BOS, EOS = 0, 1, 2
 CONFIG = ExtrapolationConfig(criterion="logp_diff", threshold=-0.3, gamma=0.1)
 NEUTRAL = dict(top_k=0, top_p=1.0, temperature=1.0)
-ROWS = ("rl", "base", "directional", "directional_wrapper", "peft", "lora_fused", "lora_fallback", "naive")
+ROWS = ("rl", "base", "minimal", "directional", "directional_wrapper", "peft", "lora_fused", "lora_fallback", "naive")
 
 
 @dataclasses.dataclass
@@ -189,6 +191,30 @@ class NaiveRecomputeProcessor(LogitsProcessor):
         return directional_step(scores, base, self.config, greedy=self.greedy)[0]
 
 
+class MinimalTwoModelProcessor(LogitsProcessor):
+    """The least a second model can cost inside generate: feed the newest token to the base model with its own
+    cache and compute nothing (scores returned as they are). The floor the directional processor is measured
+    against (`directional / minimal`)."""
+
+    def __init__(self, base_model: torch.nn.Module, attention_mask: torch.Tensor):
+        self.base_model, self.mask, self.cache, self.position = base_model, attention_mask, None, None
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.base_model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
+                                  use_cache=True, logits_to_keep=1)
+            self.position = self.mask.sum(-1, keepdim=True)
+        else:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
+            out = self.base_model(input_ids=input_ids[:, -1:], attention_mask=self.mask, position_ids=self.position,
+                                  cache=self.cache, use_cache=True, logits_to_keep=1)
+            self.position = self.position + 1
+        self.cache = out.cache if hasattr(out, "cache") else out["cache"]
+        return scores
+
+
 # ---------------------------------------------------------------------- rows
 def make_rows(rl, base, peft_model, setting: Setting) -> dict[str, Callable[[dict, int, bool], Any]]:
     """Row name -> run(inputs, new_tokens, do_sample) returning generate's sequences."""
@@ -205,6 +231,10 @@ def make_rows(rl, base, peft_model, setting: Setting) -> dict[str, Callable[[dic
         proc = DirectionalLogitsProcessor(base, CONFIG, attention_mask=inputs["attention_mask"], do_sample=do_sample)
         return rl.generate(**inputs, **gen_kwargs(n, do_sample), logits_processor=LogitsProcessorList([proc]))
 
+    def minimal(inputs, n, do_sample):
+        proc = MinimalTwoModelProcessor(base, inputs["attention_mask"])
+        return rl.generate(**inputs, **gen_kwargs(n, do_sample), logits_processor=LogitsProcessorList([proc]))
+
     def naive(inputs, n, do_sample):
         proc = NaiveRecomputeProcessor(base, CONFIG, inputs["attention_mask"], greedy=not do_sample)
         return rl.generate(**inputs, **gen_kwargs(n, do_sample), logits_processor=LogitsProcessorList([proc]))
@@ -212,6 +242,7 @@ def make_rows(rl, base, peft_model, setting: Setting) -> dict[str, Callable[[dic
     return {
         "rl": plain(rl),
         "base": plain(base),
+        "minimal": minimal,
         "directional": directional,
         "directional_wrapper": plain(wrapper),
         "peft": plain(peft_model),
@@ -227,7 +258,7 @@ def gen_kwargs(n: int, do_sample: bool) -> dict[str, Any]:
 
 
 ROW_MODELS = {  # which weights a row reads, for its memory footprint
-    "rl": ("rl",), "base": ("base",), "directional": ("rl", "base"), "directional_wrapper": ("rl", "base"),
+    "rl": ("rl",), "base": ("base",), "minimal": ("rl", "base"), "directional": ("rl", "base"), "directional_wrapper": ("rl", "base"),
     "peft": ("peft",), "lora_fused": ("peft",), "lora_fallback": ("peft",), "naive": ("rl", "base"),
 }
 
@@ -462,6 +493,13 @@ def run_grid(
                             summary[f"{name}_vs_rl_plus_base_wall"] = wall_median[name] / (
                                 wall_median["rl"] + wall_median["base"]
                             )
+                if "minimal" in median:
+                    for name in ("directional", "directional_wrapper"):
+                        if name in median:
+                            summary[f"{name}_vs_minimal"] = median[name] / median["minimal"]
+                            summary[f"{name}_vs_minimal_paired"] = statistics.median(
+                                d / m for d, m in zip(chosen[name], chosen["minimal"])
+                            )
                 if "peft" in median:
                     for name in ("lora_fused", "lora_fallback"):
                         if name in median:
@@ -533,13 +571,15 @@ def markdown_table(report: dict) -> str:
         s, m = sums.get(key, {}), maths.get(key)
         ratios.append([str(key[0]), str(key[1]), key[2],
                        fmt(s.get("directional_vs_rl_plus_base")), fmt(s.get("directional_vs_rl_plus_base_paired")),
+                       fmt(s.get("directional_vs_minimal_paired"), "{:.3f}"),
                        fmt(s.get("directional_vs_rl_plus_base_predicted"), "{:.3f}"),
                        fmt(m["processor_math_share"] * 100 if m else None, "{:.1f}%"),
                        fmt(s.get("lora_fused_vs_peft")), fmt(s.get("lora_fallback_vs_peft")),
                        fmt(s.get("lora_fused_memory_vs_peft")), fmt(s.get("naive_vs_rl_plus_base"))])
     lines = table(["batch", "tokens", "mode"] + [f"{c} tok/s (x rl)" for c in cols], speed)
     lines += [""] + table(
-        ["batch", "tokens", "mode", "dir / (rl+base)", "paired", "predicted", "processor math", "fused / peft",
+        ["batch", "tokens", "mode", "dir / (rl+base)", "paired", "dir / minimal", "predicted", "processor math",
+         "fused / peft",
          "fallback / peft", "fused peak mem / peft", "naive / (rl+base)"], ratios)
     return "\n".join(lines)
 

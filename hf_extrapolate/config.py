@@ -22,6 +22,11 @@ CRITERIA = TOKEN_CRITERIA + POSITION_CRITERIA + OTHER_CRITERIA
 
 CONFIG_NAME = "extrapolation_config.json"
 
+# bounds that keep every score of the step finite in float32 (log-probs >= log(float32 tiny) ~ -87.3)
+MAX_GAMMA = 1e3
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 1e4
+
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -95,13 +100,17 @@ class ExtrapolationConfig:
                 f"`threshold` (={self.threshold}) is the replacement probability of criterion='random' and must lie "
                 "in [0, 1]; e.g. threshold=0.1 replaces 10% of the tokens."
             )
-        if not _is_real(self.gamma) or not math.isfinite(self.gamma):
-            raise ValueError(f"`gamma` (={self.gamma!r}) must be a finite real number; the paper uses 0.05-0.1.")
-        object.__setattr__(self, "gamma", float(self.gamma))
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
+        if not _is_real(self.gamma) or not math.isfinite(self.gamma) or abs(self.gamma) > MAX_GAMMA:
             raise ValueError(
-                f"`temperature` (={self.temperature!r}) has to be a strictly positive float. If you're looking for "
-                "greedy decoding, call generate with `do_sample=False`."
+                f"`gamma` (={self.gamma!r}) must be a real number in [-{MAX_GAMMA:g}, {MAX_GAMMA:g}]; the paper uses "
+                "0.05-0.1 (larger values overflow float32 on tokens either model nearly excludes)."
+            )
+        object.__setattr__(self, "gamma", float(self.gamma))
+        if not _is_real(self.temperature) or not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(
+                f"`temperature` (={self.temperature!r}) has to be a float in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
+                "(outside it float32 scores overflow). If you're looking for greedy decoding, call generate with "
+                "`do_sample=False`."
             )
         object.__setattr__(self, "temperature", float(self.temperature))
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:

@@ -341,7 +341,10 @@ def lookahead_generate(
     for name in ("assistant_model", "prompt_lookup_num_tokens", "prefix_allowed_tokens_fn", "negative_prompt_ids"):
         if kwargs.get(name) is not None:
             raise ValueError(f"`{name}` cannot be combined with `lookahead`: use one or the other.")
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        raise TypeError(f"`generation_config` must be a GenerationConfig, got {type(generation_config).__name__}.")
     gen = pair._resolve_generation_config(generation_config, kwargs)
+    kwargs = {key: value for key, value in kwargs.items() if not hasattr(gen, key)}  # the rest are model inputs
     cfg = _check_generation_config(gen, cfg)
     nrs = gen.num_return_sequences or 1
     input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
@@ -350,7 +353,7 @@ def lookahead_generate(
         raise ValueError("`lookahead` needs `input_ids` as a (batch, length) tensor.")
     attention_mask = kwargs.pop("attention_mask", None)
     if attention_mask is None:
-        attention_mask = pair._infer_attention_mask(input_ids, gen)
+        attention_mask = _infer_attention_mask(input_ids, gen)
     kwargs.pop("use_cache", None)
     if kwargs:
         raise ValueError(f"Unsupported argument(s) with `lookahead`: {sorted(kwargs)}.")
@@ -362,6 +365,15 @@ def lookahead_generate(
         attention_mask = attention_mask.repeat_interleave(nrs, dim=0) if attention_mask is not None else None
 
     return _run(pair, gen, cfg, input_ids, attention_mask, k, int(max_new), stopping_criteria, streamer, generator)
+
+
+def _infer_attention_mask(input_ids: torch.Tensor, gen: GenerationConfig) -> torch.Tensor | None:
+    """transformers' rule: padding tokens are masked when the pad token is not also the EOS token."""
+    pad, eos = gen.pad_token_id, gen.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if pad is None or pad in eos or not bool((input_ids == pad).any()):
+        return None
+    return (input_ids != pad).long()
 
 
 def _check_generation_config(gen: GenerationConfig, cfg: ExtrapolationConfig) -> ExtrapolationConfig:

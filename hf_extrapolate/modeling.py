@@ -42,7 +42,14 @@ logger = logging.getLogger(__name__)
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 # warpers applied inside (per component); everything else is refused rather than silently applied to the mixture
 INNER_WARPERS = ("temperature", "top_k", "top_p")
-UNSUPPORTED_WARPERS = {"min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
+UNSUPPORTED_WARPERS = {
+    "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None,
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "sequence_bias": None,
+    "exponential_decay_length_penalty": None, "guidance_scale": 1.0,
+}
+# keywords whose None means "the checkpoint's default" when read from a config object (kept as given in the call)
+_FILLED_BY_DEFAULTS = ("eos_token_id", "pad_token_id", "bos_token_id", "do_sample", "num_beams", "temperature",
+                       "top_k", "top_p")
 STRATEGIES = ("auto", "fused", "fallback")
 
 
@@ -113,6 +120,7 @@ class DirectionalModelForCausalLM(torch.nn.Module, GenerationMixin):
                 setattr(self.generation_config, name, getattr(extrapolation_config, name))
         self.last_replace_ratio: torch.Tensor | None = None
         self.last_processor: DirectionalLogitsProcessor | None = None
+        self.last_lora_strategy: str | None = None  # "separate", "fused" or "fallback": what the last generate ran
 
     # ------------------------------------------------------------------ transformers-like surface
     @property
@@ -252,11 +260,11 @@ class DirectionalModelForCausalLM(torch.nn.Module, GenerationMixin):
 
     # ------------------------------------------------------------------ generation
     def _resolve_generation_config(self, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+        """The settings this call resolves to (read only: decoding mode and warpers). `kwargs` is not changed."""
         gen = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        model_kwargs = gen.update(**kwargs)
-        for key in list(kwargs):
-            if key not in model_kwargs:
-                del kwargs[key]
+        for key, value in kwargs.items():  # not `gen.update`: it validates, and would warn about flags it ignores
+            if hasattr(gen, key) and (value is not None or key not in _FILLED_BY_DEFAULTS):
+                setattr(gen, key, value)
         return gen
 
     def _strategy(self, gen: GenerationConfig, assistant: bool) -> str:
@@ -280,10 +288,12 @@ class DirectionalModelForCausalLM(torch.nn.Module, GenerationMixin):
         **kwargs: Any,
     ):
         """transformers' `generate` on the RL model with the directional processor; `extrapolation_config=`
-        overrides the model's config for this call. Returns what `generate` returns; with
-        `return_dict_in_generate=True` the output also carries `replace_ratio` (rows,) and
-        `replaced_token_probability` (rows, new tokens). `lookahead=k` drafts k tokens per round with the proposal
-        model and checks them in one forward of the other (`hf_extrapolate.lookahead`; same distribution)."""
+        overrides the model's config for this call. Every other keyword means what it means to `generate` (None
+        included: `eos_token_id=None` does not stop at EOS). Returns what `generate` returns; with
+        `return_dict_in_generate=True` the output also carries `replace_ratio` (rows,),
+        `replaced_token_probability` (rows, new tokens) and `lora_strategy` (the strategy that ran). `lookahead=k`
+        drafts k tokens per round with the proposal model and checks them in one forward of the other
+        (`hf_extrapolate.lookahead`; the same distribution)."""
         if kwargs.get("lookahead") is not None:
             return lookahead_generate(
                 self, inputs, generation_config, logits_processor, extrapolation_config, **kwargs
@@ -292,12 +302,15 @@ class DirectionalModelForCausalLM(torch.nn.Module, GenerationMixin):
         cfg = extrapolation_config if extrapolation_config is not None else self.extrapolation_config
         if not isinstance(cfg, ExtrapolationConfig):
             raise TypeError(f"`extrapolation_config` must be an ExtrapolationConfig, got {type(cfg).__name__}.")
+        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+            raise TypeError(f"`generation_config` must be a GenerationConfig, got {type(generation_config).__name__}.")
         gen = self._resolve_generation_config(generation_config, kwargs)
         for name, neutral in UNSUPPORTED_WARPERS.items():
             if getattr(gen, name, neutral) not in (neutral, None):
                 raise ValueError(
                     f"`{name}` (={getattr(gen, name)}) is not supported with directional generation: only temperature, "
-                    "top_k and top_p are applied inside each component. Unset it."
+                    "top_k and top_p are applied inside each component (a setting that changes the RL scores but not "
+                    "the base scores would shift the direction the method reads). Unset it."
                 )
         do_sample = bool(gen.do_sample)
         num_beams = gen.num_beams or 1
@@ -307,15 +320,9 @@ class DirectionalModelForCausalLM(torch.nn.Module, GenerationMixin):
             "top_p": float(gen.top_p) if do_sample and gen.top_p is not None else 1.0,
         }
         cfg = cfg.replace(**inner)
-        if do_sample:  # the warpers act inside, per component; the outer ones must be neutral
-            gen.temperature, gen.top_k, gen.top_p = 1.0, 0, 1.0
 
-        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        # without a mask the processor reads the one generate infers (transformers' rule), never a guess of ours
         attention_mask = kwargs.get("attention_mask")
-        if attention_mask is None and isinstance(input_ids, torch.Tensor):
-            attention_mask = self._infer_attention_mask(input_ids, gen)
-            if attention_mask is not None:
-                kwargs["attention_mask"] = attention_mask
         assistant = kwargs.get("assistant_model") is not None or gen.prompt_lookup_num_tokens is not None
         strategy = self._strategy(gen, assistant)
         if strategy == "separate":
@@ -328,32 +335,80 @@ class DirectionalModelForCausalLM(torch.nn.Module, GenerationMixin):
         else:
             reference = FusedLoRAReference(self.rl_model)
         processor = DirectionalLogitsProcessor(
-            reference, cfg, do_sample=do_sample, eos_token_id=gen.eos_token_id,
-            vocab_size=self.vocab_size,
+            reference, cfg, do_sample=do_sample, num_beams=num_beams, vocab_size=self.vocab_size,
         )
         processors = LogitsProcessorList(list(logits_processor or []) + [processor])
+
+        # the warpers act inside, per component: the outer ones are neutral (sampling) or unset (greedy, so that
+        # transformers does not warn about flags the user did not set); every other keyword reaches generate as given
+        call_kwargs = {k: v for k, v in kwargs.items() if k not in INNER_WARPERS}
+        neutral = {"temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else dict.fromkeys(INNER_WARPERS)
+        if generation_config is not None:
+            generation_config = copy.deepcopy(generation_config)
+            for name, value in neutral.items():
+                setattr(generation_config, name, value)
+        defaults = copy.deepcopy(self.generation_config)
+        defaults.do_sample = do_sample  # so that neutral sampling flags are not flagged against a greedy default
+        for name, value in neutral.items():
+            setattr(defaults, name, value)
         context = reference.fused_forward() if strategy == "fused" else contextlib.nullcontext()
-        with context:
-            out = self.rl_model.generate(inputs, generation_config=gen, logits_processor=processors, **kwargs)
+        with context, _generation_defaults(self.rl_model, defaults):
+            out = self.rl_model.generate(
+                inputs, generation_config=generation_config, logits_processor=processors, **call_kwargs
+            )
         self.last_processor = processor
+        self.last_lora_strategy = strategy
+        rows = processor.stats.mass.shape[0] if processor.stats.mass is not None else None
         sequences = getattr(out, "sequences", out)
-        rows_match = sequences.shape[0] == processor.stats.mass.shape[0] if processor.stats.mass is not None else False
+        if strategy == "fused" and not isinstance(out, torch.Tensor):
+            _drop_base_rows(out, sequences.shape[0])
+        rows_match = rows is not None and sequences.shape[0] == rows
         ratio = processor.replace_ratio(sequences if rows_match else None)
         self.last_replace_ratio = ratio
-        if gen.return_dict_in_generate:
+        if not isinstance(out, torch.Tensor):
             out["replace_ratio"] = ratio
+            out["lora_strategy"] = strategy
             if rows_match:
                 out["replaced_token_probability"] = processor.replaced_token_probability(sequences)
         return out
 
-    def _infer_attention_mask(self, input_ids: torch.Tensor, gen: GenerationConfig) -> torch.Tensor | None:
-        """transformers' rule: padding tokens are masked when the pad token is not also the EOS token."""
-        pad, eos = gen.pad_token_id, gen.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if pad is None or pad in eos or not bool((input_ids == pad).any()):
-            return None
-        return (input_ids != pad).long()
 
+@contextlib.contextmanager
+def _generation_defaults(model: Any, defaults: GenerationConfig):
+    """Make `defaults` the model's generation config for one call (generate fills unset values from it), restored
+    in `finally`: the wrapper's defaults apply without passing a config object next to the user's keywords."""
+    models = [model]
+    if hasattr(model, "get_base_model"):  # PEFT: generate runs on the wrapped transformers model
+        models.append(model.get_base_model())
+    previous = [m.generation_config for m in models]
+    try:
+        for m in models:
+            m.generation_config = defaults
+        yield
+    finally:
+        for m, was in zip(models, previous):
+            m.generation_config = was
+
+
+def _drop_base_rows(out: Any, rows: int) -> None:
+    """The fused LoRA forward runs 2R rows; give back only the R rows of the RL model (cache, hidden states, ...)."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    if cache is not None and hasattr(cache, "batch_select_indices") and cache.get_seq_length() > 0:
+        first = cache.layers[0].keys if hasattr(cache, "layers") else None
+        if first is None or first.shape[0] == 2 * rows:
+            cache.batch_select_indices(torch.arange(rows, device=first.device if first is not None else None))
+    for key in ("hidden_states", "attentions"):
+        value = out.get(key)
+        if value is not None:
+            out[key] = _slice_rows(value, rows)
+
+
+def _slice_rows(value: Any, rows: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[:rows] if value.dim() >= 1 and value.shape[0] == 2 * rows else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_slice_rows(v, rows) for v in value)
+    return value
 
 
 def check_same_tokenizer(rl_path: Any, base_path: Any) -> int | None:

@@ -84,6 +84,9 @@ def fused_unsupported_reason(peft_model: Any, *, num_beams: int = 1, assistant: 
     if assistant:
         return "assisted decoding runs a second model on the same cache"
     layers = _tuner_layers(peft_model)
+    if any(getattr(m, "_disable_adapters", False) for m in layers):
+        # inside the user's `with peft_model.disable_adapter():` the RL distribution is the base one: follow it
+        return "the adapter is disabled (`disable_adapter()`), so the RL model runs without it"
     lora = _lora_layers(peft_model)
     if len(lora) != len(layers):
         return "the adapter is not (only) LoRA"

@@ -23,6 +23,7 @@ from transformers import LogitsProcessor
 from .config import ExtrapolationConfig
 from .directional import directional_step_with_replacement
 from .distributions import NEG_INF
+from .generate_context import describe, inspect_generate_call, is_reshaper, is_warper
 from .reference import ReferenceModel, ReferencePolicy
 from .statistics import ReplacementStats
 
@@ -83,12 +84,14 @@ class DirectionalLogitsProcessor(LogitsProcessor):
         config (`ExtrapolationConfig` or `dict`, *optional*):
             What to compute; keyword `overrides` (`criterion=`, `gamma=`, ...) replace its fields.
         attention_mask (`torch.Tensor` of shape `(batch, prompt_length)`, *optional*):
-            The attention mask passed to generate. Needed for left-padded batches; it belongs to one set of inputs
-            (for new inputs create a new processor or call `reset(attention_mask=...)`).
-        do_sample (`bool`, defaults to `True`): the `do_sample` of the generate call.
-        num_beams (`int`, defaults to 1): the `num_beams` of the generate call (beam search re-matches rows).
-        eos_token_id (`int` or `list[int]`, *optional*): ends a row for the statistics; defaults to the base
-            model's generation config.
+            The attention mask passed to generate. Inside transformers' `generate` the processor reads generate's own
+            mask, and a mask given here must agree with it (a stale mask from another batch is refused); it is
+            needed only when the processor is called from a loop of one's own.
+        do_sample (`bool`, *optional*): the `do_sample` of the generate call. Default: follow generate (read from
+            its configuration; `True` outside transformers' loops); a value that contradicts generate is refused.
+        num_beams (`int`, *optional*): the `num_beams` of the generate call, likewise followed by default.
+        eos_token_id (`int` or `list[int]`, *optional*): ends a row for the statistics; defaults to generate's EOS
+            (or the base model's generation config outside generate).
         vocab_size (`int`, *optional*): the tokenizer's size, when the two models' embedding matrices are padded
             differently by more than 1%.
         generator (`torch.Generator`, *optional*): RNG for the `random` criterion under greedy decoding.
@@ -111,8 +114,8 @@ class DirectionalLogitsProcessor(LogitsProcessor):
         config: ExtrapolationConfig | dict | None = None,
         *,
         attention_mask: torch.Tensor | None = None,
-        do_sample: bool = True,
-        num_beams: int = 1,
+        do_sample: bool | None = None,
+        num_beams: int | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         vocab_size: int | None = None,
         generator: torch.Generator | None = None,
@@ -125,8 +128,10 @@ class DirectionalLogitsProcessor(LogitsProcessor):
         elif not isinstance(config, ExtrapolationConfig):
             raise TypeError(f"`config` must be an ExtrapolationConfig or a dict, got {type(config).__name__}.")
         self.config = config.replace(**overrides) if overrides else config
-        if not isinstance(do_sample, bool):
+        if do_sample is not None and not isinstance(do_sample, bool):
             raise TypeError(f"`do_sample` (={do_sample!r}) must be a bool: the do_sample of your generate call.")
+        if num_beams is not None and (isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1):
+            raise ValueError(f"`num_beams` (={num_beams!r}) must be a positive integer, as passed to generate.")
         if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
             raise ValueError(f"`vocab_size` (={vocab_size!r}) must be a positive int, e.g. len(tokenizer).")
         if isinstance(base_model, ReferencePolicy):
@@ -135,29 +140,43 @@ class DirectionalLogitsProcessor(LogitsProcessor):
             self.reference = base_model
             model = base_model.model
         else:
-            self.reference = ReferenceModel(base_model, attention_mask, num_beams=num_beams)
+            self.reference = ReferenceModel(base_model, attention_mask, num_beams=num_beams or 1)
             model = base_model
-        self.do_sample = do_sample
-        self.num_beams = self.reference.num_beams
-        self.greedy = not do_sample and self.num_beams == 1
+        self._requested = {"do_sample": do_sample, "num_beams": num_beams}
+        self._set_mode(True if do_sample is None else do_sample, self.reference.num_beams)
+        self._eos_given = eos_token_id is not None
         self.eos_token_id = eos_token_id if eos_token_id is not None else _default_eos(model)
         self.vocab_size = vocab_size
         self.generator = generator
         self.stats = ReplacementStats()
+        self.finite = FiniteCheck()
         self._pending: tuple | None = None  # (position, log q, log r, M) of the last sampled step
+        self._seen: tuple[int, int] | None = None  # (rows, length) of the last call
+
+    def _set_mode(self, do_sample: bool, num_beams: int) -> None:
+        self.do_sample = do_sample
+        self.num_beams = num_beams
+        self.greedy = not do_sample and num_beams == 1
 
     def reset(self, attention_mask: torch.Tensor | None = None) -> None:
         """Forget the base cache and the statistics (optionally for inputs with a new attention mask)."""
         self.reference.reset(attention_mask)
         self.stats.reset(0)
+        self.finite.reset()
         self._pending = None
+        self._seen = None
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows, position = input_ids.shape
+        seen = self._seen
+        if seen is None or seen[0] != rows or seen[1] + 1 != position:  # not the one-new-token step: prefill etc.
+            self._follow_generate(input_ids)
+        self._seen = (rows, position)
         base_logits = self.reference(input_ids)
-        position = input_ids.shape[1]
         if self.reference.started_generation:
             self.stats.reset(position)
+            self.finite.reset(position)
             self._pending = None
         elif self.reference.last_reorder is not None:
             self.stats.reorder(self.reference.last_reorder)
@@ -171,6 +190,7 @@ class DirectionalLogitsProcessor(LogitsProcessor):
         out, mass, log_r = directional_step_with_replacement(
             rl_scores, base_scores, self.config, greedy=self.greedy, generator=self.generator
         )
+        self.finite.record(position, rl_scores, base_scores, out)
         self.stats.record(position, mass)
         if self.greedy:
             self.stats.record_posterior(position, mass)
@@ -179,6 +199,51 @@ class DirectionalLogitsProcessor(LogitsProcessor):
         if shared < rl_size:
             out = torch.cat([out, out.new_full((out.shape[0], rl_size - shared), NEG_INF)], dim=-1)
         return out
+
+    # ------------------------------------------------------------------ the generate call around the processor
+    def _follow_generate(self, input_ids: torch.Tensor) -> None:
+        """Read the enclosing generate call (once per prefill or rollback, never on the one-token step): follow its
+        decoding mode, refuse settings that would make the result wrong, and hand its attention mask to the base."""
+        ctx = inspect_generate_call(self)
+        gen = ctx.generation_config
+        if gen is not None:
+            do_sample, num_beams = bool(gen.do_sample), int(gen.num_beams or 1)
+            for name, value in (("do_sample", do_sample), ("num_beams", num_beams)):
+                asked = self._requested[name]
+                if asked is not None and asked != value:
+                    raise ValueError(
+                        f"DirectionalLogitsProcessor(`{name}`={asked!r}) runs inside a generate call with "
+                        f"{name}={value!r}: the processor would compute the step of another decoding mode. Pass the "
+                        f"same `{name}` to both, or leave it out of the processor (it follows generate)."
+                    )
+            self._set_mode(do_sample, num_beams)
+            if isinstance(self.reference, ReferenceModel):
+                self.reference.num_beams = num_beams
+                if self.reference.prompt_mask is None and gen.pad_token_id is not None:
+                    self.reference.pad_token_id = gen.pad_token_id
+                    self.reference.eos_token_id = gen.eos_token_id
+            if not self._eos_given:
+                self.eos_token_id = gen.eos_token_id
+        for p in ctx.after(self):
+            if is_warper(p):
+                raise ValueError(
+                    f"generate applies {describe(p)} after DirectionalLogitsProcessor: it would warp the mixture a "
+                    "second time. Temperature, top-k and top-p belong to the ExtrapolationConfig (applied inside each "
+                    "component); call generate with neutral warpers, `top_k=0, top_p=1.0, temperature=1.0` (transformers' "
+                    "default top_k is 50), or use DirectionalModelForCausalLM, which does this for you."
+                )
+        for p in ctx.before(self):
+            if is_reshaper(p):
+                raise ValueError(
+                    f"{describe(p)} runs before DirectionalLogitsProcessor: it reshapes the RL model's scores but not "
+                    "the base model's, which shifts the direction log pi_RL - log pi_base the method reads. Remove it "
+                    "(e.g. `repetition_penalty=1.0`), or put its effect in the ExtrapolationConfig (temperature, top_k, "
+                    "top_p). Processors that only mask tokens (-inf) are supported."
+                )
+        if isinstance(self.reference, ReferenceModel):
+            mask = ctx.attention_mask
+            if mask is not None and mask.shape[0] == input_ids.shape[0] and mask.shape[1] >= input_ids.shape[1]:
+                self.reference.set_call_mask(mask[:, : input_ids.shape[1]])
 
     # ------------------------------------------------------------------ statistics
     def _resolve_pending(self, tokens: torch.Tensor) -> None:
@@ -200,6 +265,7 @@ class DirectionalLogitsProcessor(LogitsProcessor):
         beam search the rows are the live beams of the last step (call without `sequences`).
         """
         self.reference.check()
+        self.finite.check()
         sequences = getattr(sequences, "sequences", sequences)
         return self.stats.replace_ratio(self.reference.ids, self.eos_token_id, sequences)
 
@@ -214,3 +280,59 @@ class DirectionalLogitsProcessor(LogitsProcessor):
         valid = self.stats.valid(self.reference.ids, self.eos_token_id, sequences)
         post = self.stats.posterior[:, : valid.shape[1]]
         return post.masked_fill(~valid, float("nan"))
+
+
+class FiniteCheck:
+    """Device-side record of non-finite scores from either model (NaN, +inf, or a row with no allowed token).
+
+    One max-reduction per tensor per step; read back at once on CPU and every `check_every` steps (and by
+    `check()`) on accelerators, so it adds no host-device synchronisation to the step. Raises `FloatingPointError`
+    naming the model and the step."""
+
+    def __init__(self, check_every: int = 32):
+        self.check_every = check_every
+        self.reset()
+
+    def reset(self, prompt_length: int | None = None) -> None:
+        self.prompt_length = prompt_length
+        self._flags: list[tuple[int, torch.Tensor]] = []
+
+    def record(self, position: int, rl: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> None:
+        # amax is NaN if a row holds NaN, +inf if it holds +inf, -inf if every token is -inf
+        if rl.device.type == "cpu":  # reading back is free: one finiteness test of the sum, details only if it fails
+            if not bool(torch.isfinite(rl.amax(-1) + base.amax(-1) + out.amax(-1)).all()):
+                self._flags.append((position, torch.stack([rl.amax(-1), base.amax(-1), out.amax(-1)])))
+                self.check()
+            return
+        self._flags.append((position, torch.stack([rl.amax(-1), base.amax(-1), out.amax(-1)])))  # (3, rows)
+        if len(self._flags) >= self.check_every:
+            self.check()
+
+    def check(self) -> None:
+        flags, self._flags = self._flags, []
+        if not flags:
+            return
+        bad = torch.stack([~torch.isfinite(p) for _, p in flags])  # (steps, 3, rows)
+        if not bool(bad.any()):
+            return
+        step = int(bad.any(-1).any(-1).int().argmax())
+        position, peaks = flags[step]
+        rows = bad[step].any(0).nonzero().flatten().tolist()
+        which = bad[step].any(-1).tolist()
+        number = position - self.prompt_length if self.prompt_length is not None else position
+        where = f"at generation step {number} (position {position}), rows {rows}"
+        if which[0]:
+            raise FloatingPointError(
+                f"The RL model's scores are not finite {where} (NaN, +inf, or every token masked by an earlier "
+                "logits processor): check the RL model's dtype (fp16 overflows: use bfloat16 or float32), its weights "
+                "and the processors before DirectionalLogitsProcessor."
+            )
+        if which[1]:
+            raise FloatingPointError(
+                f"The base model's logits are not finite {where} (NaN or +inf): check the base model's dtype (fp16 "
+                "overflows: load it in bfloat16 or float32) and its weights."
+            )
+        raise FloatingPointError(
+            f"The step distribution has no finite score {where}: the base model assigns probability 0 to every token "
+            "the RL model allows. Check that the two models share a tokenizer, or relax the upstream masks."
+        )

@@ -66,6 +66,20 @@ def check_causal_lm(model: Any, name: str = "base_model") -> None:
         )
 
 
+def _model_token(model: Any, name: str) -> Any:
+    value = getattr(getattr(model, "generation_config", None), name, None)
+    return value if value is not None else getattr(getattr(model, "config", None), name, None)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
+
+
 class ReferencePolicy:
     """What `DirectionalLogitsProcessor` needs from the source of base-model logits.
 
@@ -114,6 +128,8 @@ class ReferenceModel(ReferencePolicy):
         num_beams: int = 1,
         forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
         check_every: int = 32,
+        pad_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
     ):
         check_causal_lm(model)
         if attention_mask is not None:
@@ -129,6 +145,8 @@ class ReferenceModel(ReferencePolicy):
         self.num_beams = num_beams
         self.forward_context = forward_context or contextlib.nullcontext
         self.check_every = check_every
+        self.pad_token_id = pad_token_id if pad_token_id is not None else _model_token(model, "pad_token_id")
+        self.eos_token_id = eos_token_id if eos_token_id is not None else _model_token(model, "eos_token_id")
         self.device = model_device(model)
         self.prompt_mask = attention_mask.to(self.device) if attention_mask is not None else None
         self.reset()
@@ -139,6 +157,8 @@ class ReferenceModel(ReferencePolicy):
         if attention_mask is not None:
             self.prompt_mask = attention_mask.to(self.device)
         self.cache = None
+        self._call_mask: torch.Tensor | None = None  # the exact (R, T) mask generate uses, for the next call only
+        self._generation_mask: torch.Tensor | None = None  # (R, prompt_length) mask of the current generation
         self.ids: torch.Tensor | None = None  # (R, L) tokens the cache has consumed
         self.mask: torch.Tensor | None = None  # (R, L) their attention mask
         self.prompt_length: int | None = None
@@ -169,6 +189,7 @@ class ReferenceModel(ReferencePolicy):
         consumed = self.num_consumed
 
         if self.ids is None or rows != self.ids.shape[0]:
+            self._generation_mask = self._prompt_mask_for(ids)
             logits = self._prefill(ids)
             new_generation = True
         elif length == consumed + 1 and length > self.prompt_length:
@@ -181,16 +202,33 @@ class ReferenceModel(ReferencePolicy):
             new_generation = False
         else:
             logits, new_generation = self._sync_slow(ids)
+        self._call_mask = None
         if new_generation:
             self.prompt_length = length
             self.started_generation = True
         return logits.to(out_device, torch.float32)
 
+    def set_call_mask(self, attention_mask: torch.Tensor | None) -> None:
+        """The exact (rows, length) attention mask that generate uses for the tokens of the next call (read by
+        `DirectionalLogitsProcessor` from the generate call). A new generation uses it and checks the mask given to
+        the constructor / `reset` against it."""
+        self._call_mask = None if attention_mask is None else attention_mask.to(self.device)
+
     # ------------------------------------------------------------------ internals
-    def _row_mask(self, rows: int, length: int) -> torch.Tensor:
-        """The attention mask (rows, length): prompt mask repeated to `rows`, ones for generated columns."""
+    def _prompt_mask_for(self, ids: torch.Tensor) -> torch.Tensor:
+        """The validated (rows, length) attention mask of the prompt `ids` that begins a new generation.
+
+        Sources, in order: the mask given to the constructor / `reset` (its rows repeated for
+        `num_return_sequences` / `num_beams`), checked against generate's own mask when that is known; generate's
+        mask; transformers' rule (padding tokens are masked when the pad token is not also an EOS token)."""
+        rows, length = ids.shape
+        call = self._call_mask
+        if call is not None and (call.shape[0] != rows or call.shape[1] < length):
+            call = None
+        elif call is not None:
+            call = call[:, :length].long()
         if self.prompt_mask is None:
-            return torch.ones(rows, length, dtype=torch.long, device=self.device)
+            return call if call is not None else self._inferred_mask(ids)
         batch, width = self.prompt_mask.shape
         if rows % batch != 0:
             raise ValueError(
@@ -198,15 +236,54 @@ class ReferenceModel(ReferencePolicy):
                 "Pass the attention mask of the same inputs you pass to generate (its rows are repeated for "
                 "num_return_sequences / num_beams), or call `reset(attention_mask=...)` before a new generate call."
             )
+        if width != length:
+            raise ValueError(
+                f"`attention_mask` covers {width} tokens but the prompt generate starts from has {length}: the mask does "
+                "not belong to these inputs. Pass the mask of the inputs you generate from (`inputs['attention_mask']`), "
+                "or `reset(attention_mask=...)` before a new generate call."
+            )
         mask = self.prompt_mask.repeat_interleave(rows // batch, dim=0) if rows != batch else self.prompt_mask
-        if length <= width:
-            if length < width:
+        mask = mask.long()
+        if call is not None:
+            if not torch.equal(mask, call):
                 raise ValueError(
-                    f"The first call sees {length} tokens but `attention_mask` covers {width}: the mask does not belong "
-                    "to these inputs. Pass the mask of the inputs you generate from, or `reset(attention_mask=...)`."
+                    "The `attention_mask` given to the processor differs from the one generate uses for these inputs "
+                    "(a mask from an earlier batch?). Omit it (the processor reads generate's own) or call "
+                    "`reset(attention_mask=inputs['attention_mask'])` before each new generate call."
                 )
-            return mask.long()
-        return torch.cat([mask.long(), mask.new_ones(rows, length - width, dtype=torch.long)], dim=1)
+        elif self.pad_token_id is not None:
+            not_padding = (mask == 0) & (ids != self.pad_token_id)
+            leading_pad = (ids == self.pad_token_id).long().cumprod(-1).bool()
+            attended_pad = leading_pad & (mask == 1) & (not self._pad_is_eos())
+            if bool(not_padding.any() or attended_pad.any()):
+                raise ValueError(
+                    "`attention_mask` does not match the padding of these inputs (it masks tokens that are not the pad "
+                    f"token {self.pad_token_id}, or attends leading pad tokens): it belongs to other inputs. Pass the mask "
+                    "of the inputs you generate from, or `reset(attention_mask=...)` before a new generate call."
+                )
+        return mask
+
+    def _pad_is_eos(self) -> bool:
+        eos = self.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        return self.pad_token_id in eos
+
+    def _inferred_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """transformers' rule when no mask is given: mask the pad token unless it is also an EOS token."""
+        pad = self.pad_token_id
+        if pad is None or self._pad_is_eos() or not bool((ids == pad).any()):
+            return torch.ones_like(ids, dtype=torch.long)
+        return (ids != pad).long()
+
+    def _row_mask(self, rows: int, length: int) -> torch.Tensor:
+        """The attention mask (rows, length) of the current generation: its prompt mask, ones for generated columns."""
+        mask = self._generation_mask
+        if mask is None or mask.shape[0] != rows or mask.shape[1] > length:
+            raise RuntimeError("The base model's cache has no prompt mask for these rows; call `reset()`.")
+        width = mask.shape[1]
+        if length == width:
+            return mask
+        return torch.cat([mask, mask.new_ones(rows, length - width)], dim=1)
 
     def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
         self.cache = None
@@ -232,7 +309,9 @@ class ReferenceModel(ReferencePolicy):
             positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)[:, start:]
             next_position = full_mask.sum(-1, keepdim=True)
         keep = min(length - start, MEMO_WINDOW) if self._keep_memo else 1
-        with self.forward_context():
+        # a base model left in train mode would run dropout: run it in eval mode for this forward, then restore
+        mode = _eval_mode(self.model) if self.model.training else contextlib.nullcontext()
+        with mode, self.forward_context():
             out = self.model(
                 input_ids=ids[:, start:],
                 attention_mask=full_mask,
@@ -268,18 +347,28 @@ class ReferenceModel(ReferencePolicy):
         common = self._common_prefix(ids)
         # a continuation of the current generation keeps its whole prompt and extends past it
         new_generation = common < self.prompt_length or length <= self.prompt_length
+        keep = min(common, length - 1)
+        if new_generation:
+            prompt_mask = self._prompt_mask_for(ids)
+            self._generation_mask = prompt_mask
+            # the cached prefix can serve the new prompt only where its attention mask is the same
+            if keep == 0 or not torch.equal(self.mask[:, :keep], prompt_mask[:, :keep]):
+                return self._prefill(ids), True
+            self._keep_memo = True
+            self.stats["rollback"] += 1
+            if not self._truncate(keep):
+                self.stats["rebuild"] += 1
+                return self._prefill(ids), True
+            return self._forward(ids, keep, full_mask=prompt_mask), True
         if common == length and length in self._memo:
             # every token already consumed and its logits still at hand (assisted decoding re-verifies drafts)
-            return self._memo[length], new_generation
-        keep = min(common, length - 1)
-        if keep == 0:
-            return self._prefill(ids), True
+            return self._memo[length], False
         self._keep_memo = True  # rollbacks happen (assisted decoding): keep per-position logits from now on
         self.stats["rollback"] += 1
         if not self._truncate(keep):
             self.stats["rebuild"] += 1
-            return self._prefill(ids), new_generation
-        return self._forward(ids, keep), new_generation
+            return self._prefill(ids), False
+        return self._forward(ids, keep), False
 
     def _truncate(self, keep: int) -> bool:
         """Crop the cache to its first `keep` tokens. Returns False when the cache cannot be cropped."""
