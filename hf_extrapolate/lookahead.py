@@ -344,6 +344,8 @@ def lookahead_generate(
     if generation_config is not None and not isinstance(generation_config, GenerationConfig):
         raise TypeError(f"`generation_config` must be a GenerationConfig, got {type(generation_config).__name__}.")
     gen = pair._resolve_generation_config(generation_config, kwargs)
+    if "eos_token_id" in kwargs and kwargs["eos_token_id"] is None:  # as in generate: an explicit None never stops
+        gen.eos_token_id = None
     kwargs = {key: value for key, value in kwargs.items() if not hasattr(gen, key)}  # the rest are model inputs
     cfg = _check_generation_config(gen, cfg)
     nrs = gen.num_return_sequences or 1
