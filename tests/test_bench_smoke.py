@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
-ROWS = {"rl", "base", "directional", "directional_wrapper", "peft", "lora_fused", "lora_fallback", "naive"}
+ROWS = {"rl", "base", "minimal", "directional", "directional_wrapper", "peft", "lora_fused", "lora_fallback", "naive"}
 
 
 def _positive(x) -> bool:
@@ -32,7 +32,7 @@ def test_quick_benchmark_writes_all_rows(tmp_path):
             for key in ("seconds", "tokens_per_s", "ratio_to_rl", "peak_memory_mb"):
                 assert _positive(r[key]), (config, r["row"], key, r[key])
     for s in report["summary"]:
-        for key in ("directional_vs_rl_plus_base", "lora_fused_vs_peft", "lora_fallback_vs_peft",
+        for key in ("directional_vs_rl_plus_base", "directional_vs_minimal", "lora_fused_vs_peft", "lora_fallback_vs_peft",
                     "lora_fused_memory_vs_peft"):
             assert _positive(s[key]), (s, key)
     assert report["processor_math"] and all(_positive(m["step_ms"]) for m in report["processor_math"])
