@@ -155,6 +155,8 @@ def lookahead_decode(
     count = torch.zeros(rows, dtype=torch.long, device=device)
     done = torch.full((rows,), max_new_tokens <= 0, dtype=torch.bool, device=device)
     rl_size = rl_model.get_output_embeddings().weight.shape[0]
+    # the token range both models are compared on (padded embedding matrices): drafts come from it only
+    shared = shared_vocab_size(rl_size, base_model.get_output_embeddings().weight.shape[0], vocab_size)
     mass_out = torch.zeros(rows, max_new_tokens, device=device)
     post_out = torch.zeros(rows, max_new_tokens, device=device)
     scores_out: list | None = [] if output_scores else None  # per round: (row index, position, (m, V) values)
@@ -176,7 +178,7 @@ def lookahead_decode(
             step_mask = torch.cat([slot_mask, slot_mask.new_ones(rows, i + 1)], dim=1)
             logits = proposer(tokens[-1][:, None], step_mask, (next_pos + i)[:, None], keep=1)[:, -1]
             prop_logits.append(logits)
-            log_p = warp_logprobs(torch.log_softmax(logits.float(), dim=-1), config.temperature, config.top_k,
+            log_p = warp_logprobs(torch.log_softmax(logits[:, :shared].float(), dim=-1), config.temperature, config.top_k,
                                   config.top_p, normalized=True)
             if greedy:
                 tokens.append(log_p.argmax(-1))
@@ -189,8 +191,6 @@ def lookahead_decode(
         check_logits = checker(fed, new_mask, next_pos[:, None] + ar[:n], keep=n)  # (R, n, V)
         prop = torch.stack(prop_logits, dim=1)
         rl_l, base_l = (check_logits, prop) if config.proposal == "base" else (prop, check_logits)
-        rl_size, base_size = rl_l.shape[-1], base_l.shape[-1]
-        shared = shared_vocab_size(rl_size, base_size, vocab_size)
         rl_flat = rl_l[..., :shared].reshape(rows * n, shared)
         base_flat = base_l[..., :shared].reshape(rows * n, shared)
         # 3. the step distribution at the n positions
@@ -205,7 +205,6 @@ def lookahead_decode(
             rl_n, base_n = normalize_pair(rl_flat, base_flat)
             y = drafts.reshape(-1, 1).clamp(max=shared - 1)
             fire = fires("logp_diff", config.threshold, rl_n.gather(-1, y), base_n.gather(-1, y)).squeeze(-1)
-            fire = fire | (drafts.reshape(-1) >= shared)  # a token outside the shared vocabulary cannot be kept
         else:  # position-level, always, never: M is the 0/1 fire indicator
             fire = mass > 0.5
         fire = fire.view(rows, n)

@@ -343,3 +343,16 @@ def test_custom_generate_folder_and_callable_on_a_plain_model(pair, batch):
         torch.testing.assert_close(s[valid[:, t]], r[valid[:, t]], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="base_model"):
         rl.generate(**batch, custom_generate=lookahead_custom_generate, lookahead=4, max_new_tokens=3)
+
+
+def test_padded_vocabularies_draw_only_shared_tokens(batch):
+    rl, base = tiny_llama(0, vocab_size=70, **PEAKY), tiny_llama(1, **PEAKY)  # the RL head is padded by 6 rows
+    for proposal in ("base", "rl"):
+        model = DirectionalModelForCausalLM(rl, base, ExtrapolationConfig(threshold=-0.3, proposal=proposal),
+                                            vocab_size=64)
+        ref = model.generate(**batch, do_sample=False, max_new_tokens=8)
+        assert torch.equal(model.generate(**batch, do_sample=False, max_new_tokens=8, lookahead=3), ref)
+        torch.manual_seed(0)
+        out = model.generate(**batch, do_sample=True, max_new_tokens=8, lookahead=3, num_return_sequences=8,
+                             return_dict_in_generate=True, output_scores=True)
+        assert int(out.sequences.max()) < 64 and out.scores[0].shape[-1] == 70
