@@ -155,6 +155,8 @@ class DirectionalModelForCausalLM(torch.nn.Module, GenerationMixin):
         return self.rl_model(*args, **kwargs)
 
     # ------------------------------------------------------------------ loading / saving
+    tokenizer: Any = None  # the RL model's tokenizer when known (saved with the pair)
+
     @classmethod
     def from_pretrained(
         cls,
@@ -171,48 +173,57 @@ class DirectionalModelForCausalLM(torch.nn.Module, GenerationMixin):
 
         - `from_pretrained(rl, base_model=base)`: `base` is a hub id / path (loaded with the same `kwargs`, plus
           `base_model_kwargs`) or a loaded model (used as is).
-        - `from_pretrained(saved_pair_dir)`: a folder written by `save_pretrained` restores the pair.
+        - `from_pretrained(saved_pair_dir)`: a folder written by `save_pretrained` restores the pair (its base from
+          the recorded path, or from the `base/` subfolder written by `save_pretrained(..., save_base=True)`).
         - `from_pretrained(lora_adapter_dir)`: a folder with `adapter_config.json`; its base is loaded once (from
           the adapter config, or `base_model=`) and serves both distributions.
-        Usual `from_pretrained` kwargs (`torch_dtype`, `device_map`, ...) reach both models.
+        Usual `from_pretrained` kwargs (`dtype`, `device_map`, ...) reach both models. `check_tokenizers=False`
+        skips the check that both checkpoints ship the same tokenizer (a checkpoint without tokenizer files is
+        never compared).
         """
         path = pretrained_model_name_or_path
-        saved = None
-        if _is_dir_with(path, CONFIG_NAME):
-            with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
-                saved = json.load(f)
+        saved = read_pair_record(path) if _is_dir_with(path, CONFIG_NAME) else None
+        saved_vocab = None
+        if saved is not None:
             if extrapolation_config is None:
                 extrapolation_config = ExtrapolationConfig.from_dict(saved["extrapolation_config"])
             if base_model is None:
-                base_model = saved.get("base_model_name_or_path")
+                base_model = _recorded_base(path, saved)
             lora_strategy = saved.get("lora_strategy", lora_strategy) if lora_strategy == "auto" else lora_strategy
+            saved_vocab = saved.get("vocab_size")
 
         if _is_dir_with(path, ADAPTER_CONFIG_NAME):
             from peft import PeftConfig, PeftModel
 
             peft_cfg = PeftConfig.from_pretrained(path)
             base_src = base_model if base_model is not None else peft_cfg.base_model_name_or_path
-            if base_src is None:
+            if not base_src:
                 raise ValueError(f"{path}/{ADAPTER_CONFIG_NAME} names no base model; pass `base_model=`.")
             base = cls._load(base_src, kwargs, base_model_kwargs)
             peft_model = PeftModel.from_pretrained(base, path).eval()
-            return cls.from_peft(peft_model, extrapolation_config, lora_strategy=lora_strategy)
+            model = cls.from_peft(peft_model, extrapolation_config, lora_strategy=lora_strategy)
+            model.tokenizer = load_tokenizer_files(path)
+            return model
 
         if base_model is None:
             raise ValueError(
                 f"`base_model` is required to load {path!s}: pass the base checkpoint (hub id, path or loaded model), "
                 f"or load a folder written by `save_pretrained` (it has {CONFIG_NAME}) or a LoRA adapter folder."
             )
-        vocab_size = None
-        if check_tokenizers and isinstance(base_model, (str, os.PathLike)):
-            vocab_size = check_same_tokenizer(path, base_model)
+        rl_tok = load_tokenizer_files(path)
+        vocab_size = saved_vocab
+        if check_tokenizers and isinstance(base_model, (str, os.PathLike)) and rl_tok is not None:
+            size = _compare_tokenizers(path, rl_tok, base_model, load_tokenizer_files(base_model))
+            vocab_size = size if size is not None else vocab_size
         rl = AutoModelForCausalLM.from_pretrained(path, *model_args, **kwargs)
         base = cls._load(base_model, kwargs, base_model_kwargs)
-        name = str(base_model) if isinstance(base_model, (str, os.PathLike)) else None
-        return cls(
+        name = _absolute(base_model) if isinstance(base_model, (str, os.PathLike)) else None
+        model = cls(
             rl, base, extrapolation_config, lora_strategy=lora_strategy, base_model_name_or_path=name,
             vocab_size=vocab_size,
         )
+        model.tokenizer = rl_tok
+        return model
 
     @staticmethod
     def _load(source: Any, kwargs: dict, extra: dict | None) -> Any:
@@ -234,25 +245,51 @@ class DirectionalModelForCausalLM(torch.nn.Module, GenerationMixin):
 
     @classmethod
     def from_models(
-        cls, rl_model: Any, base_model: Any, extrapolation_config: ExtrapolationConfig | None = None, **kwargs: Any
+        cls, rl_model: Any, base_model: Any, extrapolation_config: ExtrapolationConfig | None = None, *,
+        tokenizer: Any = None, **kwargs: Any,
     ) -> DirectionalModelForCausalLM:
-        """Pair two loaded models (neither is modified)."""
-        return cls(rl_model, base_model, extrapolation_config, **kwargs)
+        """Pair two loaded models (neither is modified). `tokenizer` (optional) is saved with the pair and sets
+        `vocab_size` unless given."""
+        if tokenizer is not None and kwargs.get("vocab_size") is None:
+            kwargs["vocab_size"] = len(tokenizer)
+        model = cls(rl_model, base_model, extrapolation_config, **kwargs)
+        model.tokenizer = tokenizer
+        return model
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Write the RL weights (or the LoRA adapter) and `extrapolation_config.json`; never the base weights."""
+    def save_pretrained(self, save_directory: str | os.PathLike, *, save_base: bool = False, **kwargs: Any) -> None:
+        """Write the RL weights (or the LoRA adapter), its tokenizer when known, and `extrapolation_config.json`.
+
+        The base weights are not written: the base's path or hub id is recorded (absolute for a local folder).
+        When there is none to record (a base built in memory), pass `save_base=True` to write the base weights
+        into `save_directory/base`, which `from_pretrained(save_directory)` then loads.
+        """
+        base_name = self.base_model_name_or_path
+        if save_base and self.is_lora_pair:
+            raise ValueError("`save_base=True` is for two separate models; a LoRA pair's base is its adapter's base "
+                             "(save it with `peft_model.get_base_model().save_pretrained(...)` before adapting).")
+        if not save_base and not base_name:
+            raise ValueError(
+                f"Cannot save the pair to {save_directory}: the base model has no name or path to record (it was "
+                "built in memory). Pass `save_base=True` to write its weights into the pair folder, or "
+                "`base_model_name_or_path=` when building the pair."
+            )
         os.makedirs(save_directory, exist_ok=True)
         self.rl_model.save_pretrained(save_directory, **kwargs)
-        if not self.base_model_name_or_path:
-            logger.warning(
-                "The base model has no name or path to record: pass `base_model=` when loading %s.", save_directory
-            )
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(save_directory)
+        if save_base:
+            self._reference_model.save_pretrained(os.path.join(save_directory, BASE_SUBFOLDER), **kwargs)
+            base_name = None
         record = {
-            "base_model_name_or_path": self.base_model_name_or_path,
+            "base_model_name_or_path": _absolute(base_name) if base_name else None,
+            "base_model_subfolder": BASE_SUBFOLDER if save_base else None,
             "extrapolation_config": self.extrapolation_config.to_dict(),
             "hf_extrapolate_version": __version__,
             "lora_pair": self.is_lora_pair,
             "lora_strategy": self.lora_strategy,
+            "tokenizer_size": len(self.tokenizer) if self.tokenizer is not None else None,
+            # the compared token range: ids [0, vocab_size) (None: the common width of the two models' logits)
+            "vocab_size": self.vocab_size,
         }
         with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2, sort_keys=True)
@@ -411,16 +448,52 @@ def _slice_rows(value: Any, rows: int) -> Any:
     return value
 
 
-def check_same_tokenizer(rl_path: Any, base_path: Any) -> int | None:
-    """Raise `ValueError` when both checkpoints ship tokenizers and they differ; return the tokenizer's size."""
+# files one of which a tokenizer folder has; transformers 5 returns an empty stand-in tokenizer for some model types
+# (qwen2: length 1, gemma3: length 5) when a folder has none, so a tokenizer counts only when its files are there
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.tiktoken")
+BASE_SUBFOLDER = "base"
+
+
+def _absolute(name: Any) -> str:
+    """A local folder as an absolute path (a hub id unchanged)."""
+    return os.path.abspath(name) if os.path.isdir(name) else str(name)
+
+
+def has_tokenizer_files(source: Any) -> bool:
+    """Whether `source` (a local folder or a hub id in the local cache / on the hub) ships tokenizer files."""
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    if os.path.isdir(source):
+        return any(os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES)
+    from transformers.utils import cached_file
+
+    for name in TOKENIZER_FILES:
+        try:
+            if cached_file(str(source), name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False) is not None:
+                return True
+        except (OSError, ValueError):
+            return False
+    return False
+
+
+def load_tokenizer_files(source: Any) -> Any | None:
+    """The tokenizer `source` ships, or None when it has no tokenizer files or they do not load."""
+    if not has_tokenizer_files(source):
+        return None
     from transformers import AutoTokenizer
 
     try:
-        rl_tok = AutoTokenizer.from_pretrained(rl_path)
-        base_tok = AutoTokenizer.from_pretrained(base_path)
+        return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as err:
-        logger.info("Tokenizer check skipped (%s).", err)
+        logger.info("No tokenizer loaded from %s (%s).", source, err)
         return None
+
+
+def _compare_tokenizers(rl_path: Any, rl_tok: Any, base_path: Any, base_tok: Any) -> int | None:
+    if rl_tok is None or base_tok is None:
+        logger.info("Tokenizer check skipped: %s has no tokenizer files.", rl_path if rl_tok is None else base_path)
+        return len(rl_tok) if rl_tok is not None else None
     if rl_tok.get_vocab() != base_tok.get_vocab():
         raise ValueError(
             f"The RL model ({rl_path}) and the base model ({base_path}) ship different tokenizers; the method compares "
@@ -428,3 +501,47 @@ def check_same_tokenizer(rl_path: Any, base_path: Any) -> int | None:
             "`check_tokenizers=False` if you are sure the ids mean the same tokens."
         )
     return len(rl_tok)
+
+
+def check_same_tokenizer(rl_path: Any, base_path: Any) -> int | None:
+    """Raise `ValueError` when both checkpoints ship tokenizers and they differ; return the tokenizer's size
+    (None when neither ships one). A checkpoint without tokenizer files is not compared."""
+    return _compare_tokenizers(rl_path, load_tokenizer_files(rl_path), base_path, load_tokenizer_files(base_path))
+
+
+def read_pair_record(path: Any) -> dict:
+    """The `extrapolation_config.json` of a saved pair, with errors naming the file and the fix."""
+    file = os.path.join(path, CONFIG_NAME)
+    try:
+        with open(file, encoding="utf-8") as f:
+            record = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err.msg}, line {err.lineno}): re-save the pair with "
+                         "`save_pretrained`.") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not UTF-8 text: re-save the pair with `save_pretrained`.") from None
+    if not isinstance(record, dict) or not isinstance(record.get("extrapolation_config"), dict):
+        raise ValueError(f"{file} has no 'extrapolation_config' object: it was not written by `save_pretrained`; "
+                         "re-save the pair, or pass `extrapolation_config=` and `base_model=`.")
+    return record
+
+
+def _recorded_base(path: Any, record: dict) -> str | None:
+    """The base a saved pair names: its `base/` subfolder, or the recorded folder / hub id (checked to exist)."""
+    file = os.path.join(path, CONFIG_NAME)
+    sub = record.get("base_model_subfolder")
+    if sub:
+        folder = os.path.join(path, sub)
+        if not os.path.isdir(folder):
+            raise ValueError(f"{file} names the base subfolder {sub!r}, which is missing from {path}: "
+                             "copy the whole pair folder, or pass `base_model=`.")
+        return folder
+    name = record.get("base_model_name_or_path")
+    if not name:
+        if record.get("lora_pair"):
+            return None  # the adapter config names it
+        raise ValueError(f"{file} records no base model: pass `base_model=` (the base checkpoint) when loading.")
+    if os.path.isabs(name) and not os.path.isdir(name):
+        raise ValueError(f"{file}: the base model folder {name} does not exist (moved?): pass `base_model=` with "
+                         "its new location.")
+    return name

@@ -257,6 +257,13 @@ class DirectionalLogitsProcessor(LogitsProcessor):
             log_post = mass.log() + (log_r.gather(-1, chosen) - log_q.gather(-1, chosen)).squeeze(-1)
             self.stats.record_posterior(position, log_post.exp().nan_to_num(0.0).clamp(0.0, 1.0))
 
+    def _require_generation(self, what: str) -> None:
+        if self.stats.mass is None or self.reference.ids is None:
+            raise RuntimeError(
+                f"`{what}()` has nothing to report yet: call `generate(..., logits_processor=[processor])` first "
+                "(the statistics belong to the processor's last generate call)."
+            )
+
     def replace_ratio(self, sequences: torch.Tensor | Any | None = None) -> torch.Tensor:
         """Expected fraction of replaced tokens per sequence, shape (rows,): the mean of the replaced mass M over each
         row's generated positions up to and including its first EOS (the paper's "Replaced Ratio").
@@ -264,6 +271,7 @@ class DirectionalLogitsProcessor(LogitsProcessor):
         Pass generate's output (`sequences`, or the output object) for exact bounds under assisted decoding; for
         beam search the rows are the live beams of the last step (call without `sequences`).
         """
+        self._require_generation("replace_ratio")
         self.reference.check()
         self.finite.check()
         sequences = getattr(sequences, "sequences", sequences)
@@ -273,6 +281,7 @@ class DirectionalLogitsProcessor(LogitsProcessor):
         """Per generated position (rows, positions): the probability that the token there was a redraw, `M r(y)/q(y)`
         (0 or 1 under greedy decoding); NaN for padding after EOS. Pass generate's output to include its last token.
         """
+        self._require_generation("replaced_token_probability")
         sequences = getattr(sequences, "sequences", sequences)
         if sequences is not None:
             self._resolve_pending(sequences)

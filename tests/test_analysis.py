@@ -115,7 +115,51 @@ def test_top_tokens_rank_mean_logp_diff_per_token():
     assert [(e["token_id"], e["token"], e["count"]) for e in out["raised"]] == [(5, "<5>", 2), (7, "<7>", 2)]
     assert out["raised"][0]["mean_logp_diff"] == pytest.approx(2.0)
     assert [e["token_id"] for e in out["lowered"]] == [6, 8]
-    assert [e["token_id"] for e in top_tokens(logp_diff, tokens, k=5, min_count=2)["lowered"]] == [7, 5]
+    # with min_count=2 only tokens 5 (mean 2.0) and 7 (0.5) remain, both raised: "lowered" is empty, not [7, 5]
+    frequent = top_tokens(logp_diff, tokens, k=5, min_count=2)
+    assert [e["token_id"] for e in frequent["raised"]] == [5, 7] and frequent["lowered"] == []
+
+
+def test_top_tokens_refuses_bad_ids_and_k_and_handles_huge_ids():
+    logp_diff = torch.tensor([[1.0, -2.0, 0.5]])
+    with pytest.raises(ValueError, match=r"`k` \(=-3\) must be a positive integer"):
+        top_tokens(logp_diff, torch.tensor([[5, 6, 7]]), k=-3)
+    with pytest.raises(ValueError, match="negative id -1"):
+        top_tokens(logp_diff, torch.tensor([[5, -1, 7]]))
+    out = top_tokens(logp_diff, torch.tensor([[10**9, 6, 10**9]]))  # grouped by distinct ids: no 1e9-long bincount
+    assert [(e["token_id"], e["count"], e["mean_logp_diff"]) for e in out["raised"]] == [(10**9, 2, 0.75)]
+    assert [e["token_id"] for e in out["lowered"]] == [6]
+
+
+def test_token_metrics_refuses_bad_chunk_sizes_and_out_of_vocabulary_ids():
+    rl, base = tiny_llama(0), tiny_llama(1)
+    sequences = torch.randint(3, 64, (2, 6))
+    mask = torch.ones_like(sequences)
+    for bad in (-1, 0, 1.5):
+        with pytest.raises(ValueError, match=f"`chunk_size` \\(={bad}\\) must be a positive integer"):
+            token_metrics(rl, base, sequences, mask, 2, chunk_size=bad)
+    with pytest.raises(ValueError, match=r"`batch_size` \(=0\)"):
+        token_metrics(rl, base, sequences, mask, 2, batch_size=0)
+    for bad_id in (64, -5):
+        wrong = sequences.clone()
+        wrong[0, 1] = bad_id
+        with pytest.raises(ValueError, match=f"token id {bad_id}, outside the models' vocabulary \\[0, 64\\)"):
+            token_metrics(rl, base, wrong, mask, 2)
+    # chunk_size=1 still gives the full result
+    torch.testing.assert_close(token_metrics(rl, base, sequences, mask, 2, chunk_size=1)["kl"],
+                               token_metrics(rl, base, sequences, mask, 2)["kl"], rtol=0, atol=1e-6)
+
+
+def test_calibrate_threshold_without_attention_mask():
+    rl, base = tiny_llama(0), tiny_llama(1)
+    ids = torch.randint(3, 64, (2, 4))
+    kw = dict(max_new_tokens=4, eos_token_id=2, pad_token_id=0, seed=0)
+    cal = calibrate_threshold(rl, base, ids, None, 0.2, **kw)
+    assert cal.threshold == calibrate_threshold(rl, base, ids, torch.ones_like(ids), 0.2, **kw).threshold
+    padded = ids.clone()
+    padded[0, 0] = 0
+    with pytest.raises(ValueError, match="`attention_mask` is None but `input_ids` holds the pad token 0"):
+        calibrate_threshold(rl, base, padded, None, 0.2, **kw)
 
 
 def test_histograms_share_edges_count_every_finite_value_and_draw_png(tmp_path):

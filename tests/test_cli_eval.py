@@ -12,7 +12,7 @@ from hf_extrapolate.evaluation import read_records
 
 from .test_evaluation_runner import build_tokenizer, tiny_pair, write_problems
 
-SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
+EXAMPLE_DATA = Path(__file__).parents[1] / "examples" / "data"  # shipped: 8 problems of each set
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,10 @@ def test_sweep_calibrates_each_criterion_and_evaluates_the_grid(checkpoint, tmp_
     assert thresholds["entropy"]["0.2"] > thresholds["entropy"]["0.6"]  # fires above tau: lower tau, more
     assert len(summary["summary"]) == 2 + 2 * 2
     assert (tmp_path / "plots" / "accuracy_vs_ratio.png").exists()
+    # rows are named by target ratio; the calibrated tau is the record's threshold
+    rows = {r["mode"]: r for r in summary["summary"]}
+    assert {"replace:logp_diff@ratio=0.2", "replace:entropy@ratio=0.6"} <= set(rows)
+    assert rows["replace:entropy@ratio=0.6"]["threshold"] == thresholds["entropy"]["0.6"]
 
 
 def test_sweep_over_given_thresholds_and_gammas(checkpoint, tmp_path, monkeypatch):
@@ -94,7 +98,9 @@ def test_analyze_writes_histograms_top_tokens_and_thresholds(checkpoint, tmp_pat
     hist = json.loads((out_dir / "histograms.json").read_text())
     assert set(hist["logp_diff"]["counts"]) == {"base-generated", "RL-generated"}
     top = json.loads((out_dir / "top_tokens.json").read_text())
-    assert top["RL-generated"]["raised"][0]["mean_logp_diff"] >= top["RL-generated"]["lowered"][0]["mean_logp_diff"]
+    assert all(e["mean_logp_diff"] > 0 for e in top["RL-generated"]["raised"])
+    assert all(e["mean_logp_diff"] < 0 for e in top["RL-generated"]["lowered"])
+    assert top["RL-generated"]["raised"] or top["RL-generated"]["lowered"]
     assert set(json.loads((out_dir / "thresholds.json").read_text())) == {"logp_diff", "kl"}
     assert (out_dir / "token_metrics.pt").exists()
 
@@ -121,10 +127,9 @@ def test_eval_with_a_lora_adapter_is_eval_with_the_merged_model(checkpoint, tmp_
     assert texts["adapter"] == texts["merged"]
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not available")
 def test_eval_reads_the_shared_data_sets(checkpoint, tmp_path, monkeypatch):
     output = tmp_path / "shared.jsonl"
-    files = [str(SHARED_DATA / "aime24.jsonl"), str(SHARED_DATA / "gsm8k_test.jsonl")]
+    files = [str(EXAMPLE_DATA / "aime24.jsonl"), str(EXAMPLE_DATA / "gsm8k_test.jsonl")]
     argv = ["eval", *common(checkpoint), "--data", *files, "--limit", "1", "--modes", "base", "--output", str(output)]
     assert run_cli(monkeypatch, argv) == 0
     records = read_records(output)

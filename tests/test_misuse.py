@@ -376,3 +376,11 @@ def test_wrapper_causes_no_warnings_that_plain_generate_does_not(pair, caplog):
             assert ours <= plain, ours - plain
     finally:
         transformers.logging.disable_propagation()
+
+
+@pytest.mark.parametrize("method", ["replace_ratio", "replaced_token_probability"])
+def test_statistics_before_any_generate_say_what_to_do(pair, method):
+    _, base = pair
+    proc = DirectionalLogitsProcessor(base, CFG)
+    with pytest.raises(RuntimeError, match=r"call `generate\(..., logits_processor=\[processor\]\)` first"):
+        getattr(proc, method)()

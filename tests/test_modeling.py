@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoTokenizer, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from hf_extrapolate import DirectionalLogitsProcessor, DirectionalModelForCausalLM, ExtrapolationConfig
-from tests.tiny import PAD, left_padded_batch, tiny_llama, tiny_tokenizer
+from tests.tiny import EOS, PAD, left_padded_batch, tiny_llama, tiny_tokenizer
 
 CFG = ExtrapolationConfig(criterion="logp_diff", threshold=-0.1, gamma=0.1)
 NEUTRAL = dict(top_k=0, top_p=1.0, temperature=1.0)
@@ -275,3 +275,104 @@ def test_hooks_removed_even_when_generate_raises():
         model.generate(**left_padded_batch([3]), stopping_criteria=StoppingCriteriaList([Boom()]), max_new_tokens=3,
                        pad_token_id=PAD)
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in peft_model.modules())
+
+
+# ---------------------------------------------------------------------------- saving / reloading other architectures
+def _tiny_qwen2(seed):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=72, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False,
+    )).eval()
+
+
+def _tiny_gemma3(seed):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=72, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD,
+    )).eval()
+
+
+@pytest.mark.parametrize("build", [_tiny_qwen2, _tiny_gemma3], ids=["qwen2", "gemma3"])
+@pytest.mark.parametrize("with_tokenizer", [True, False], ids=["tokenizer", "no-tokenizer"])
+def test_saved_pair_reloads_for_qwen2_and_gemma3(tmp_path, build, with_tokenizer):
+    """transformers returns an empty stand-in tokenizer for these folders without tokenizer files: it is never
+    compared, the RL tokenizer is saved with the pair, and the pair reloads with the same greedy output."""
+    tok = tiny_tokenizer()
+    rl_dir, base_dir = tmp_path / "rl", tmp_path / "base"
+    build(0).save_pretrained(rl_dir)
+    build(1).save_pretrained(base_dir)
+    if with_tokenizer:
+        tok.save_pretrained(rl_dir)
+        tok.save_pretrained(base_dir)
+    model = DirectionalModelForCausalLM.from_pretrained(rl_dir, base_model=base_dir, extrapolation_config=CFG)
+    # the tokenizer as transformers loads it for this model type (72 logits, 64 + the type's extra tokens)
+    size = len(AutoTokenizer.from_pretrained(rl_dir)) if with_tokenizer else None
+    assert model.vocab_size == size and (size is None or 64 <= size < 72)
+    inputs = left_padded_batch([3, 5])
+    first = model.generate(**inputs, max_new_tokens=8, pad_token_id=PAD)
+    model.save_pretrained(tmp_path / "pair")
+    record = json.loads((tmp_path / "pair" / "extrapolation_config.json").read_text())
+    assert record["vocab_size"] == record["tokenizer_size"] == size
+    assert (tmp_path / "pair" / "tokenizer.json").exists() == with_tokenizer
+    for check in (True, False):
+        restored = DirectionalModelForCausalLM.from_pretrained(tmp_path / "pair", check_tokenizers=check)
+        assert restored.vocab_size == model.vocab_size
+        assert torch.equal(restored.generate(**inputs, max_new_tokens=8, pad_token_id=PAD), first)
+    if with_tokenizer:  # the check still refuses a different real tokenizer
+        tiny_tokenizer(shift=1).save_pretrained(base_dir)
+        with pytest.raises(ValueError, match="different tokenizers"):
+            DirectionalModelForCausalLM.from_pretrained(tmp_path / "pair")
+
+
+def test_in_memory_pair_is_refused_at_save_or_saved_with_its_base(tmp_path):
+    model = DirectionalModelForCausalLM.from_models(tiny_llama(0), tiny_llama(1), CFG)
+    with pytest.raises(ValueError, match="save_base=True"):
+        model.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()  # nothing half-written
+    inputs = left_padded_batch([3, 5])
+    first = model.generate(**inputs, max_new_tokens=8, pad_token_id=PAD)
+    model.save_pretrained(tmp_path / "pair", save_base=True)
+    record = json.loads((tmp_path / "pair" / "extrapolation_config.json").read_text())
+    assert record["base_model_subfolder"] == "base" and record["base_model_name_or_path"] is None
+    restored = DirectionalModelForCausalLM.from_pretrained(tmp_path / "pair")
+    assert torch.equal(restored.generate(**inputs, max_new_tokens=8, pad_token_id=PAD), first)
+    # the pair folder moves as a whole
+    os.rename(tmp_path / "pair", tmp_path / "moved")
+    moved = DirectionalModelForCausalLM.from_pretrained(tmp_path / "moved")
+    assert torch.equal(moved.generate(**inputs, max_new_tokens=8, pad_token_id=PAD), first)
+
+
+def test_relative_base_path_is_stored_absolute_and_bad_records_name_the_file(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+    _save_model(tiny_llama(0), tok, tmp_path / "rl")
+    _save_model(tiny_llama(1), tok, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model = DirectionalModelForCausalLM.from_pretrained("rl", base_model="base", extrapolation_config=CFG)
+    model.save_pretrained("pair")
+    record_file = tmp_path / "pair" / "extrapolation_config.json"
+    assert json.loads(record_file.read_text())["base_model_name_or_path"] == str(tmp_path / "base")
+    inputs = left_padded_batch([4])
+    first = model.generate(**inputs, max_new_tokens=6, pad_token_id=PAD)
+    monkeypatch.chdir(tmp_path / "rl")  # another working directory
+    again = DirectionalModelForCausalLM.from_pretrained(tmp_path / "pair")
+    assert torch.equal(again.generate(**inputs, max_new_tokens=6, pad_token_id=PAD), first)
+
+    good = record_file.read_text()
+    record_file.write_text(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="extrapolation_config.json is not valid JSON"):
+        DirectionalModelForCausalLM.from_pretrained(tmp_path / "pair")
+    record_file.write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "base")}))
+    with pytest.raises(ValueError, match="no 'extrapolation_config'"):
+        DirectionalModelForCausalLM.from_pretrained(tmp_path / "pair")
+    record_file.write_text(good)
+    os.rename(tmp_path / "base", tmp_path / "base-moved")
+    with pytest.raises(ValueError, match="does not exist .*base_model="):
+        DirectionalModelForCausalLM.from_pretrained(tmp_path / "pair")
+    moved = DirectionalModelForCausalLM.from_pretrained(tmp_path / "pair", base_model=tmp_path / "base-moved")
+    assert torch.equal(moved.generate(**inputs, max_new_tokens=6, pad_token_id=PAD), first)

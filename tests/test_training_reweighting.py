@@ -195,3 +195,30 @@ def test_core_and_training_packages_do_not_need_trl():
         "    raise AssertionError('expected ImportError')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("method", ["lowprob", "dominate", "ppl", "none"])
+def test_non_logprobs_and_fractional_masks_are_refused(method):
+    """Logits passed as log-probs would flip the advantage's sign (1 + 0.2 (1 - e^3) < 0): refused, as are +-inf,
+    NaN on response tokens, non-finite advantages and a fractional mask."""
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    good = torch.log(torch.tensor([[0.5, 1.0], [0.25, 0.5]]))
+    for bad, message in [
+        (torch.tensor([[3.0, -1.0], [-1.0, -1.0]]), "not log-probabilities"),
+        (torch.tensor([[float("inf"), -1.0], [-1.0, -1.0]]), "NaN or"),
+        (torch.tensor([[-1.0, float("-inf")], [-1.0, -1.0]]), "NaN or"),
+        (torch.tensor([[-1.0, -1.0], [float("nan"), -1.0]]), "NaN or"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            reweight_advantages(adv, bad, mask, method=method)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        reweight_advantages(adv, good, torch.tensor([[1.0, 0.5], [1.0, 0.0]]), method=method)
+    with pytest.raises(ValueError, match="`advantages` has NaN"):
+        reweight_advantages(torch.tensor([float("nan"), 1.0]), good, mask, method=method)
+    # rounding just above 0 (bf16 log_softmax of a near-certain token) and NaN on padding are accepted
+    rounded = good.clone()
+    rounded[0, 1] = 0.004
+    out = reweight_advantages(adv, rounded, mask, method=method)
+    torch.testing.assert_close(out, reweight_advantages(adv, good, mask, method=method))
+    assert bool((out[mask.bool()].sign() == adv[:, None].expand(2, 2)[mask.bool()].sign()).all())

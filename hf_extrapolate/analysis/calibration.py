@@ -271,11 +271,25 @@ class Calibration:
     statistics: ReplacementStatistics
 
 
+def _prompt_mask(input_ids: Any, attention_mask: Any, pad_token_id: int | None) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"`input_ids` must be a (batch, length) tensor of token ids, got {type(input_ids).__name__}.")
+    if attention_mask is None:
+        if pad_token_id is not None and bool((input_ids == pad_token_id).any()):
+            raise ValueError(f"`attention_mask` is None but `input_ids` holds the pad token {pad_token_id}: pass the "
+                             "tokenizer's attention_mask of these prompts.")
+        return torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"`attention_mask` must be a tensor of the shape of `input_ids` {tuple(input_ids.shape)} (or "
+                         f"None for unpadded prompts), got {getattr(attention_mask, 'shape', type(attention_mask))}.")
+    return attention_mask
+
+
 def calibrate_threshold(
     rl_model: Any,
     base_model: Any,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     target_ratio: float,
     config: ExtrapolationConfig | None = None,
     *,
@@ -293,7 +307,8 @@ def calibrate_threshold(
     """The threshold of `criterion` that replaces `target_ratio` of the tokens on responses to these prompts.
 
     Args:
-        input_ids, attention_mask: (B, P) left-padded prompts.
+        input_ids, attention_mask: (B, P) left-padded prompts; `attention_mask=None` means no padding (refused when
+            `input_ids` holds `pad_token_id`).
         target_ratio (`float`): the wanted replacement ratio in (0, 1), e.g. 0.1.
         config (`ExtrapolationConfig`, *optional*): proposal, warpers, gamma of the decoding to calibrate.
         criterion (`str`, *optional*): overrides `config.criterion`.
@@ -321,6 +336,7 @@ def calibrate_threshold(
         raise ValueError(f"`refine_steps` (={refine_steps!r}) must be a non-negative integer.")
     if not isinstance(target_ratio, (int, float)) or not 0.0 < target_ratio < 1.0:
         raise ValueError(f"`target_ratio` (={target_ratio!r}) must lie in (0, 1), e.g. 0.1 to replace 10%.")
+    attention_mask = _prompt_mask(input_ids, attention_mask, pad_token_id)
     threshold = math.nan
     for step in range(refine_steps + 1):
         if seed is not None:

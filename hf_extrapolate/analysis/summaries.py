@@ -129,8 +129,11 @@ def top_tokens(
 
     Returns:
         `{"raised": [...], "lowered": [...]}`, each entry `{"token_id", "token", "mean_logp_diff", "count"}`, sorted by
-        mean Δ log p (highest first for `raised`, lowest first for `lowered`).
+        mean Δ log p (highest first for `raised`, lowest first for `lowered`); `raised` holds only tokens with a
+        positive mean, `lowered` only tokens with a negative one (either may have fewer than `k` entries).
     """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` (={k!r}) must be a positive integer: the number of tokens per list.")
     if logp_diff.shape != tokens.shape:
         raise ValueError(
             f"`logp_diff` {tuple(logp_diff.shape)} and `tokens` {tuple(tokens.shape)} must have the same shape: pass "
@@ -140,11 +143,16 @@ def top_tokens(
     ids = tokens.detach().long().cpu().flatten()
     keep = torch.isfinite(values)
     values, ids = values[keep], ids[keep]
-    size = int(ids.max()) + 1 if ids.numel() else 0
-    counts = torch.bincount(ids, minlength=size)
-    sums = torch.bincount(ids, weights=values, minlength=size)
-    seen = (counts >= max(1, min_count)).nonzero().flatten()
-    means = sums[seen] / counts[seen]
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError(f"`tokens` holds the negative id {int(ids.min())} at a position with a finite Δ log p: pass "
+                         "the generated token ids, `sequences[:, prompt_length:]`.")
+    # group by the distinct ids (not a bincount over [0, max id]: an id of 1e9 would allocate gigabytes)
+    seen, inverse = torch.unique(ids, return_inverse=True)
+    counts_all = torch.bincount(inverse, minlength=seen.numel())
+    sums_all = torch.bincount(inverse, weights=values, minlength=seen.numel())
+    frequent = counts_all >= max(1, min_count)
+    seen, counts, sums = seen[frequent], counts_all[frequent], sums_all[frequent]
+    means = sums / counts
     order = torch.argsort(means, descending=True)
 
     def entry(i: int) -> dict[str, Any]:
@@ -153,10 +161,11 @@ def top_tokens(
             "token_id": token_id,
             "token": tokenizer.decode([token_id]) if tokenizer is not None else None,
             "mean_logp_diff": float(means[i]),
-            "count": int(counts[token_id]),
+            "count": int(counts[i]),
         }
 
+    # a list holds only tokens whose mean has its sign: on a small vocabulary the two would otherwise overlap
     return {
-        "raised": [entry(int(i)) for i in order[:k]],
-        "lowered": [entry(int(i)) for i in order.flip(0)[:k]],
+        "raised": [entry(int(i)) for i in order if means[i] > 0][:k],
+        "lowered": [entry(int(i)) for i in order.flip(0) if means[i] < 0][:k],
     }

@@ -85,6 +85,25 @@ def _check_inputs(sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_
         )
 
 
+def _embedding_rows(model: Any) -> int | None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embeddings, "num_embeddings", None)
+
+
+def _check_token_ids(sequences: torch.Tensor, rl_model: Any, base_model: Any) -> None:
+    """Ids outside both embedding matrices fail inside torch (an index error, or a device assert): say so first."""
+    if sequences.numel() == 0:
+        return
+    low, high = int(sequences.min()), int(sequences.max())
+    sizes = [n for n in (_embedding_rows(rl_model), _embedding_rows(base_model)) if n is not None]
+    if low < 0 or (sizes and high >= min(sizes)):
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"`sequences` holds token id {bad}, outside the models' vocabulary [0, {min(sizes) if sizes else '?'}): "
+            "pass token ids from the tokenizer the two models share (padding included)."
+        )
+
+
 def aligned_logprobs(
     rl_model: Any,
     base_model: Any,
@@ -101,6 +120,11 @@ def aligned_logprobs(
     for model, name in ((rl_model, "rl_model"), (base_model, "base_model")):
         if getattr(model, "training", False):
             logger.warning("%s is in training mode (dropout on); call .eval() for exact metrics.", name)
+    for value, name in ((chunk_size, "chunk_size"), (batch_size, "batch_size")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"`{name}` (={value!r}) must be a positive integer" +
+                             (" or None (all sequences in one forward)." if name == "batch_size" else "."))
+    _check_token_ids(sequences, rl_model, base_model)
     rows_total, width = sequences.shape
     n = width - prompt_length
     batch_size = batch_size or rows_total

@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--save-metrics", action="store_true", help="also write token_metrics.pt")
     group.add_argument("--output", required=True, metavar="DIR", help="output directory")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_sampling_arguments(parser, max_new_tokens=512)
+    add_sampling_arguments(parser, max_new_tokens=512, samples_help="responses sampled per problem from each model (default: 1)")
     parser.set_defaults(handler=run)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..config import CRITERIA, ExtrapolationConfig
-from . import CLIError
+from . import CLIError, choose_threads
 
 HIGHLIGHT, RESET = "\033[1;33m", "\033[0m"
 # the gate and strength used in the toy pair's README table (tau: ~5% of base tokens fall below it)
@@ -24,7 +24,7 @@ DEFAULT_THRESHOLD, DEFAULT_GAMMA = -0.3, 0.1
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="base vs RL vs selective extrapolation on the built-in toy pair (offline, about a minute on a CPU)",
+        help="base vs RL vs selective extrapolation on the built-in toy pair (offline; 0.5-2 min on a busy 2-core CPU)",
         description="Runs the built-in toy base/RLVR pair (a tiny Llama trained by this library on multi-step "
         "arithmetic) on held-out problems: the completions of each mode with the redrawn tokens highlighted, then "
         "an accuracy table over --eval-problems problems.",
@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # this process is ours: no "Loading weights" bars around the demo's output
     rl_model, base_model, tokenizer = load_toy_pair(args.pair)
+    choose_threads(args, rl_model, base_model)  # 341k parameters: one thread (--threads N to change)
     info = toy_pair_info(args.pair)
     threshold, gamma = args.threshold, args.gamma
     # Algorithm 1: the base proposes, the RL model redraws where the criterion fires ...

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CRITERIA, PROPOSALS
-from . import CLIError
+from . import CLIError, choose_threads
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +26,19 @@ MODES = ("base", "rl", "replace", "extrapolate")
 # ---------------------------------------------------------------------------------------------- shared options
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models")
-    group.add_argument("--model", default=None, help="the RL model: a folder or hub id for from_pretrained")
-    group.add_argument("--base", default=None, help="the base model it was trained from (same tokenizer)")
+    group.add_argument("--model", default=None,
+                       help="the RL model: a folder or hub id for from_pretrained, or a pair folder written by "
+                       "DirectionalModelForCausalLM.save_pretrained (its base is the recorded one) or a LoRA adapter "
+                       "folder (same as --adapter)")
+    group.add_argument("--base", default=None, help="the base model it was trained from (same tokenizer): a folder "
+                       "or hub id")
     group.add_argument("--adapter", default=None,
                        help="LoRA adapter folder: the RL model is the base model with this adapter merged in "
                        "(--base defaults to the adapter's base model)")
     group.add_argument("--tokenizer", default=None, help="tokenizer folder or id (default: --model / --adapter)")
+    group.add_argument("--no-tokenizer-check", dest="check_tokenizers", action="store_false",
+                       help="skip the check that --model and --base ship the same tokenizer (a checkpoint without "
+                       "tokenizer files is never compared)")
     group.add_argument("--device", default=None,
                        help="cpu, cuda, cuda:1, ... (default: the process's accelerator under accelerate launch, else "
                        "cuda when available, else cpu)")
@@ -42,11 +49,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", nargs="+", required=True, metavar="JSONL",
-                       help="problem files with 'problem' and 'answer' per line, e.g. ../shared/data/aime24.jsonl")
+                       help="problem files with 'problem' and 'answer' per line, e.g. examples/data/aime24.jsonl")
     group.add_argument("--limit", type=int, default=None, help="use the first N problems of each file")
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int = 1024) -> None:
+def add_sampling_arguments(
+    parser: argparse.ArgumentParser, *, max_new_tokens: int = 1024,
+    samples_help: str = "samples per problem: the k of Avg@k, Pass@k up to k (default: 1)",
+) -> None:
     group = parser.add_argument_group("sampling (the same for every mode)")
     group.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                        help=f"response length limit (default: {max_new_tokens})")
@@ -54,7 +64,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: i
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0, off)")
     group.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: 0, off)")
     group.add_argument("--num-return-sequences", "-k", type=int, default=1, dest="num_return_sequences",
-                       help="samples per problem: the k of Avg@k, Pass@k up to k (default: 1)")
+                       help=samples_help)
     group.add_argument("--seed", type=int, default=0, help="seed; batches are seeded alike in every mode (default: 0)")
     group.add_argument("--batch-size", type=int, default=8, help="problems per generate call (default: 8)")
     group.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
@@ -62,7 +72,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: i
                        "--no-chat-template for raw prompts to base models")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, *, criterion: bool = True, gamma: bool = True) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, *, criterion: bool = True, gamma: bool = True, modes: bool = True
+) -> None:
+    """The directional decoding options; `modes=False` for commands without an extrapolate mode (`generate`)."""
+    where = " of the extrapolate mode" if modes else ""
     group = parser.add_argument_group("directional decoding")
     if criterion:
         group.add_argument("--criterion", default="logp_diff", choices=CRITERIA,
@@ -70,9 +84,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, criterion: bool = T
         group.add_argument("--threshold", type=float, default=-0.3, help="tau of the criterion (default: -0.3)")
     if gamma:
         group.add_argument("--gamma", type=float, default=0.0,
-                           help="extrapolation strength of the extrapolate mode; the paper uses 0.05-0.1 (default: 0)")
+                           help=f"extrapolation strength{where}; the paper uses 0.05-0.1 (default: 0)")
     group.add_argument("--proposal", default="base", choices=PROPOSALS,
-                       help="proposal model of the extrapolate mode (default: base)")
+                       help=f"the model that proposes each token{where} (default: base, as in Algorithm 1; rl: the "
+                       "paper's Table 1 variant)")
     group.add_argument("--candidate-top-k", type=int, default=None,
                        help="restrict the replacement distribution to the proposal's top-k tokens (default: off)")
 
@@ -93,14 +108,44 @@ def process_state(args: argparse.Namespace) -> Any:
     return PartialState(cpu=args.device == "cpu")
 
 
+def _looks_local(value: str) -> bool:
+    """A value that can only be a local path (a hub id is `name` or `org/name`)."""
+    return value.startswith((".", "/", "~")) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
+
+
+def resolve_pair_folder(args: argparse.Namespace) -> None:
+    """`--model` naming a folder written by `save_pretrained` (or a LoRA adapter folder) stands for the whole pair:
+    fill in `--base` from its record, or move it to `--adapter`."""
+    from ..config import CONFIG_NAME
+    from ..modeling import ADAPTER_CONFIG_NAME, _recorded_base, read_pair_record
+
+    if args.adapter is not None or args.model is None or not os.path.isdir(args.model):
+        return
+    if os.path.isfile(os.path.join(args.model, ADAPTER_CONFIG_NAME)):
+        args.adapter, args.model = args.model, None  # a LoRA adapter (or a saved LoRA pair): paired with its base
+    elif os.path.isfile(os.path.join(args.model, CONFIG_NAME)) and args.base is None:
+        try:
+            args.base = _recorded_base(args.model, read_pair_record(args.model))
+        except ValueError as err:
+            raise CLIError(f"--model {args.model}: {err} (or give --base BASE)") from None
+
+
 def check_model_paths(args: argparse.Namespace) -> None:
-    """One clear error for a local model path that does not exist (before transformers' long one)."""
-    if args.adapter is None and (args.model is None or args.base is None):
-        raise CLIError("give --model RL and --base BASE, or --adapter LORA_DIR (with --base if the adapter does not "
-                       "name its base model)")
+    """One clear error for a local model path that does not exist (before transformers' long one); a hub id
+    (`org/name`) is left to `from_pretrained` (with HF_HUB_OFFLINE=1 it resolves from the local cache)."""
     for path, flag in ((args.model, "--model"), (args.base, "--base"), (args.adapter, "--adapter")):
-        if path is not None and (path.startswith((".", "/")) or os.sep in path) and not os.path.exists(path):
+        if path is not None and not os.path.exists(path) and _looks_local(path):
             raise CLIError(f"{flag} {path}: no such folder")
+    resolve_pair_folder(args)
+    if args.adapter is not None and os.path.isdir(args.adapter):
+        from ..modeling import ADAPTER_CONFIG_NAME
+
+        if not os.path.isfile(os.path.join(args.adapter, ADAPTER_CONFIG_NAME)):
+            raise CLIError(f"--adapter {args.adapter}: no {ADAPTER_CONFIG_NAME}, so not a LoRA adapter folder; give a "
+                           "full model as --model RL --base BASE")
+    if args.adapter is None and (args.model is None or args.base is None):
+        raise CLIError("give --model RL and --base BASE, --model SAVED_PAIR_DIR (written by save_pretrained), or "
+                       "--adapter LORA_DIR (with --base if the adapter does not name its base model)")
 
 
 def device_and_dtype(args: argparse.Namespace, state: Any = None) -> tuple[Any, Any]:
@@ -110,12 +155,33 @@ def device_and_dtype(args: argparse.Namespace, state: Any = None) -> tuple[Any, 
     if state is not None and getattr(state, "num_processes", 1) > 1 and args.device in (None, "cuda"):
         device = state.device  # one accelerator per process
     elif args.device is not None:
-        device = torch.device(args.device)
+        device = check_device(args.device)
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.dtype != "auto":
         return device, getattr(torch, args.dtype)
     return device, torch.float32 if device.type == "cpu" else "auto"
+
+
+def check_device(name: str) -> Any:
+    """`torch.device(name)`, or a one-line error when it is not a device or not available in this torch build."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {name}: not a device name; use cpu, cuda, cuda:1, mps, ...") from None
+    backend = getattr(torch, device.type, None)
+    available = device.type == "cpu" or (
+        backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    )
+    if not available:
+        raise CLIError(f"--device {name}: no {device.type} device is available to this torch build "
+                       f"(torch {torch.__version__}); use --device cpu")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise CLIError(f"--device {name}: only {count()} {device.type} device(s) here")
+    return device
 
 
 def load_model(path: str, dtype: Any) -> Any:
@@ -173,10 +239,16 @@ def load_pair(args: argparse.Namespace, state: Any = None) -> tuple[Any, Any, An
         rl_model = PeftModel.from_pretrained(load_model(base_path, dtype), args.adapter).merge_and_unload()
     else:
         base_path = args.base
+        if args.check_tokenizers:
+            from ..modeling import check_same_tokenizer
+
+            check_same_tokenizer(args.model, base_path)
         rl_model = load_model(args.model, dtype)
     base_model = load_model(base_path, dtype)
     tokenizer = load_tokenizer(args, args.model, args.adapter, base_path)
-    return rl_model.to(device).eval(), base_model.to(device).eval(), tokenizer
+    rl_model, base_model = rl_model.to(device).eval(), base_model.to(device).eval()
+    choose_threads(args, rl_model, base_model)
+    return rl_model, base_model, tokenizer
 
 
 def load_problems_arg(args: argparse.Namespace) -> list:

@@ -19,7 +19,7 @@ import torch
 
 from ..config import ExtrapolationConfig
 from ..statistics import generated_mask
-from . import CLIError
+from . import CLIError, choose_threads
 from .eval import (
     adapter_base_path,
     add_config_arguments,
@@ -36,16 +36,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="generate completions with selective replacement / extrapolation",
-        description="Generate with the RL model, redrawing the tokens the criterion flags from "
-        "pi_rl^(1+gamma) / pi_base^gamma (gamma=0: plain replacement by the RL model). With --adapter the LoRA "
-        "adapter and its base share one copy of the base weights.",
+        description="Selective token replacement (the paper's Algorithm 1) and extrapolation (Eq. 7): the "
+        "--proposal model (default: base, as in Algorithm 1 and the paper's extrapolation runs) proposes each token, "
+        "and where the criterion fires the token is redrawn from pi_rl^(1+gamma) / pi_base^gamma (gamma=0: plain "
+        "replacement by the RL model). With --criterion never the output is the proposal model's; --proposal rl is "
+        "the paper's Table 1 variant (the RL model proposes). With --adapter the LoRA adapter and its base share one "
+        "copy of the base weights.",
     )
     add_model_arguments(p)
     prompts = p.add_argument_group("prompts").add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts-file", metavar="FILE.jsonl", help="JSON lines with 'prompt' (or 'problem')")
-    add_config_arguments(p)
-    add_sampling_arguments(p, max_new_tokens=256)
+    p.add_argument("--reasoning-prompt", action="store_true",
+                   help="append the paper's instruction ('Please reason step by step, and put your final answer "
+                   "within \\boxed{}.') on a new line, as `eval` does, so the two send the same prompt")
+    add_config_arguments(p, modes=False)
+    add_sampling_arguments(p, max_new_tokens=256, samples_help="completions per prompt (default: 1)")
     p.add_argument("--output", metavar="FILE.jsonl", help="write JSON lines here instead of printing")
     p.set_defaults(handler=run)
 
@@ -89,11 +95,12 @@ def load_directional_model(args: argparse.Namespace) -> tuple[Any, Any]:
         from ..modeling import check_same_tokenizer
 
         base_path = args.base
-        vocab_size = check_same_tokenizer(args.model, args.base)
+        vocab_size = check_same_tokenizer(args.model, args.base) if args.check_tokenizers else None
         model = DirectionalModelForCausalLM(
             load_model(args.model, dtype).to(device).eval(), load_model(args.base, dtype).to(device).eval(),
             base_model_name_or_path=args.base, vocab_size=vocab_size,
         )
+    choose_threads(args, model.rl_model, model.reference_model)
     tokenizer = load_tokenizer(args, args.model, args.adapter, base_path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -114,10 +121,16 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_directional_model(args)
     model.extrapolation_config = config
     use_template = args.chat_template
+    if args.reasoning_prompt:
+        from ..evaluation.prompts import format_question
+
+        prompts_sent = [format_question(t) for t in prompts]
+    else:
+        prompts_sent = prompts
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
         if use_template else t
-        for t in prompts
+        for t in prompts_sent
     ]
     do_sample = args.temperature > 0
     sampling = dict(do_sample=do_sample)

@@ -10,6 +10,7 @@ endpoints on the same prompts and seeds, into one resumable result file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from typing import Any
 
@@ -53,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--gammas", nargs="+", type=float, default=[0.0],
                        help="extrapolation strengths; 0 = replacement (default: 0)")
     group.add_argument("--calibration-problems", type=int, default=16,
-                       help="problems (from the start of --data) whose responses calibrate thresholds (default: 16)")
+                       help="problems (from the start of --data) whose responses calibrate thresholds; they are "
+                       "evaluated too (pass a separate --data split to hold them out) (default: 16)")
     group.add_argument("--no-endpoints", action="store_true", help="do not evaluate the base and RL models")
     add_config_arguments(parser, criterion=False, gamma=False)
     add_sampling_arguments(parser)
@@ -131,18 +133,22 @@ def run(args: argparse.Namespace) -> int:
 
             thresholds = broadcast_object_list([thresholds], from_process=0)[0]
         extra["calibrated_thresholds"] = thresholds
-        plan = {c: list(thresholds[c].values()) for c in args.criteria}
+        # rows are named by their target ratio (the calibrated tau is in each record's `threshold`)
+        plan = {c: [(f"ratio={r}", tau) for r, tau in thresholds[c].items()] for c in args.criteria}
     else:
-        plan = {c: list(args.thresholds) for c in args.criteria}
+        plan = {c: [(None, tau) for tau in args.thresholds] for c in args.criteria}
 
     modes = [] if args.no_endpoints else [EvalMode.base(), EvalMode.rl()]
     for criterion, taus in plan.items():
-        for tau in taus:
+        for label, tau in taus:
             for gamma in args.gammas:
                 if gamma == 0:
-                    modes.append(EvalMode.replace(criterion, tau, **config_overrides(args)))
+                    mode = EvalMode.replace(criterion, tau, **config_overrides(args))
                 else:
-                    modes.append(EvalMode.extrapolate(criterion, tau, gamma, args.proposal, **config_overrides(args)))
+                    mode = EvalMode.extrapolate(criterion, tau, gamma, args.proposal, **config_overrides(args))
+                if label is not None:
+                    mode = dataclasses.replace(mode, name=mode.name.replace(f"@{mode.config.threshold:g}", f"@{label}"))
+                modes.append(mode)
     names = [m.name for m in modes]
     if len(set(names)) != len(names):
         raise CLIError(f"Two sweep points share a name ({names}); pass distinct thresholds / gammas.")

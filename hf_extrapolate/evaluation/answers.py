@@ -9,39 +9,46 @@ parse falls back to comparing whitespace-stripped strings.
 from __future__ import annotations
 
 import functools
+import logging
 import re
+import threading
+
+logger = logging.getLogger(__name__)
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
 
-def _braced(text: str, start: int) -> int | None:
-    """Index one past the `}` closing the `{` at `start`, skipping escaped braces; None when unbalanced."""
-    depth = 0
-    i = start
-    while i < len(text):
+_BARE_ARGUMENT = re.compile(r"[^\s$]+")
+
+
+def _closing_braces(text: str) -> dict[int, int]:
+    """For every `{` in `text` with a matching `}`, the index one past that `}` (one pass; escaped braces `\\{`,
+    `\\}` are content)."""
+    closing: dict[int, int] = {}
+    stack: list[int] = []
+    i, n = 0, len(text)
+    while i < n:
         char = text[i]
         if char == "\\":
             i += 2
             continue
         if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
+            stack.append(i)
+        elif char == "}" and stack:
+            closing[stack.pop()] = i + 1
         i += 1
-    return None
+    return closing
 
 
-def _box_content(text: str, end_of_command: int) -> str | None:
+def _box_content(text: str, end_of_command: int, closing: dict[int, int]) -> str | None:
     i = end_of_command
     while i < len(text) and text[i] in " \t":
         i += 1
     if i < len(text) and text[i] == "{":
-        close = _braced(text, i)
+        close = closing.get(i)
         return None if close is None else text[i + 1 : close - 1].strip()
     if i > end_of_command:  # `\boxed 5`: the argument runs to the next space or `$`
-        match = re.match(r"[^\s$]+", text[i:])
+        match = _BARE_ARGUMENT.match(text, i)
         return match.group(0) if match else None
     return None
 
@@ -51,6 +58,7 @@ def extract_boxed(text: str | None) -> str | None:
 
     Nested braces are balanced (`\\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`), escaped braces (`\\{`) are content, and
     `\\boxed 5` (no braces) gives `5`. A box cut off by the token limit is skipped in favour of the one before it.
+    Linear in the length of `text` (braces are matched in one pass), however many boxes it has.
 
     >>> extract_boxed("so x = \\\\boxed{\\\\frac{1}{2}}.")
     '\\\\frac{1}{2}'
@@ -59,8 +67,12 @@ def extract_boxed(text: str | None) -> str | None:
     """
     if not text:
         return None
-    for match in reversed(list(_BOX.finditer(text))):
-        content = _box_content(text, match.end())
+    matches = list(_BOX.finditer(text))
+    if not matches:
+        return None
+    closing = _closing_braces(text)
+    for match in reversed(matches):
+        content = _box_content(text, match.end(), closing)
         if content is not None:
             return content
     return None
@@ -86,6 +98,23 @@ def _parse_prediction(prediction: str) -> tuple:
     return tuple(_math_verify().parse(f"\\boxed{{{prediction}}}"))
 
 
+# Math-Verify bounds its parse and verify with `signal.alarm`, which only works in the main thread. From any other
+# thread the check runs in one helper process (its main thread, where the same time bounds hold).
+ANSWER_TIMEOUT_S = 5  # Math-Verify's default for parsing and for verifying, each
+_POOL: list = []
+_POOL_LOCK = threading.Lock()
+
+
+def _helper_pool():
+    with _POOL_LOCK:
+        if not _POOL:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            _POOL.append(ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")))
+        return _POOL[0]
+
+
 def is_correct(prediction: str | None, reference: str) -> bool:
     """Whether the extracted `prediction` is mathematically equal to the `reference` answer (Math-Verify).
 
@@ -99,6 +128,26 @@ def is_correct(prediction: str | None, reference: str) -> bool:
         return False
     if not isinstance(reference, str):
         raise TypeError(f"`reference` (={reference!r}) must be the reference answer as a string, e.g. '\\\\frac{{1}}{{2}}'.")
+    if threading.current_thread() is not threading.main_thread():
+        return _is_correct_elsewhere(str(prediction), reference)
+    return _check(str(prediction), reference)
+
+
+@functools.lru_cache(maxsize=65536)
+def _is_correct_elsewhere(prediction: str, reference: str) -> bool:
+    """`is_correct` from a non-main thread: in the helper process, where Math-Verify's time bounds work."""
+    future = _helper_pool().submit(_check, prediction, reference)
+    # the helper's own alarms end a long parse or verify (False, as in the main thread); the margin covers the
+    # helper's start (imports)
+    try:
+        return future.result(timeout=2 * ANSWER_TIMEOUT_S + 120)
+    except TimeoutError:
+        future.cancel()
+        logger.warning("Math-Verify did not answer in time for %r vs %r: counted as wrong.", prediction[:80], reference)
+        return False
+
+
+def _check(prediction: str, reference: str) -> bool:
     gold = _parse_reference(reference)
     target = _parse_prediction(str(prediction))
     if not gold or not target:

@@ -1,8 +1,9 @@
 """Math problem sets as JSON Lines: one `{"problem": ..., "answer": ...}` object per line.
 
-The files the paper evaluates on (AIME-24/25, AMC-23, MATH-500, Minerva, GSM8K) come in this form in the project's
-`../shared/data/`; any user file with the two keys works too. Optional keys: `id` (defaults to `<dataset>-<line>`),
-`source`. This module only reads; it does not download or cache data sets.
+The files the paper evaluates on (AIME-24/25, AMC-23, MATH-500, Minerva, GSM8K) come in this form
+(`examples/data/` in the repository holds the first 8 problems of each); any user file with the two keys works too.
+Optional keys: `id` (defaults to `<dataset>-<line>`), `source`. `answer` must be a non-empty string (or a number);
+`problem` a non-empty string. This module only reads; it does not download or cache data sets.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class Problem:
 
 
 def dataset_name(path: str | os.PathLike) -> str:
-    """The data set name of a file: its name without `.jsonl` (`../shared/data/aime24.jsonl` -> `aime24`)."""
+    """The data set name of a file: its name without `.jsonl` (`examples/data/aime24.jsonl` -> `aime24`)."""
     name = Path(path).name
     return name[: -len(".jsonl")] if name.endswith(".jsonl") else Path(path).stem
 
@@ -45,36 +46,53 @@ def load_problems(path: str | os.PathLike, *, limit: int | None = None, name: st
     if not path.is_file():
         raise FileNotFoundError(
             f"Problem file {str(path)!r} does not exist. Pass a JSON Lines file with 'problem' and 'answer' keys, "
-            "e.g. ../shared/data/aime24.jsonl."
+            "e.g. examples/data/aime24.jsonl."
         )
     name = name or dataset_name(path)
     problems: list[Problem] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no} is not valid JSON ({err.msg}); each line must be one object.") from err
-            missing = [key for key in ("problem", "answer") if key not in row] if isinstance(row, dict) else ["problem"]
-            if missing:
-                raise ValueError(
-                    f"{path}:{line_no} lacks {missing}; each line must be an object with 'problem' and 'answer' "
-                    "(and optionally 'id')."
-                )
-            index = len(problems)
-            problem_id = str(row.get("id", f"{name}-{index}"))
-            if problem_id in seen:
-                raise ValueError(f"{path}:{line_no} repeats id {problem_id!r}; problem ids must be unique in a file.")
-            seen.add(problem_id)
-            problems.append(Problem(name, problem_id, index, str(row["problem"]), str(row["answer"])))
-            if limit is not None and len(problems) >= limit:
-                break
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}); save the file as UTF-8.") from None
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no} is not valid JSON ({err.msg}); each line must be one object.") from err
+        missing = [key for key in ("problem", "answer") if key not in row] if isinstance(row, dict) else ["problem"]
+        if missing:
+            raise ValueError(
+                f"{path}:{line_no} lacks {missing}; each line must be an object with 'problem' and 'answer' "
+                "(and optionally 'id')."
+            )
+        index = len(problems)
+        problem_id = str(row.get("id", f"{name}-{index}"))
+        if problem_id in seen:
+            raise ValueError(f"{path}:{line_no} repeats id {problem_id!r}; problem ids must be unique in a file.")
+        seen.add(problem_id)
+        problem, answer = row["problem"], _answer_text(row["answer"], f"{path}:{line_no}")
+        if not isinstance(problem, str) or not problem.strip():
+            raise ValueError(f"{path}:{line_no}: 'problem' (={problem!r}) must be a non-empty string.")
+        problems.append(Problem(name, problem_id, index, problem, answer))
+        if limit is not None and len(problems) >= limit:
+            break
     if not problems:
         raise ValueError(f"{path} holds no problems; expected one JSON object per line.")
     return problems
+
+
+def _answer_text(answer: object, where: str) -> str:
+    """The reference answer as text: a non-empty string, or a number (`2` -> `"2"`); anything else is an error
+    (`null` would become the answer "None", a list "['2', '3']")."""
+    if isinstance(answer, str) and answer.strip():
+        return answer
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        return str(answer)
+    raise ValueError(f"{where}: 'answer' (={answer!r}) must be a non-empty string (or a number); "
+                     "one reference final answer per problem, e.g. \"\\\\frac{1}{2}\".")
 
 
 def load_datasets(paths: list[str | os.PathLike], *, limit: int | None = None) -> list[Problem]:

@@ -50,10 +50,19 @@ def default_ks(n: int) -> list[int]:
     return ks
 
 
+RECORD_KEYS = ("mode", "dataset", "problem_id", "correct")
+
+
 def group_records(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], dict[str, list[Mapping[str, Any]]]]:
     """`{(mode, dataset): {problem_id: [records]}}`, in first-seen order."""
     groups: dict[tuple[str, str], dict[str, list[Mapping[str, Any]]]] = {}
-    for record in records:
+    for number, record in enumerate(records, start=1):
+        missing = [k for k in RECORD_KEYS if k not in record] if isinstance(record, Mapping) else list(RECORD_KEYS)
+        if missing:
+            raise ValueError(
+                f"record {number} lacks {missing}: not a record written by `evaluate` (each has {list(RECORD_KEYS)}); "
+                "pass the records of an eval/sweep run (its --output file)."
+            )
         groups.setdefault((record["mode"], record["dataset"]), {}).setdefault(str(record["problem_id"]), []).append(record)
     return groups
 
@@ -97,7 +106,7 @@ def summarize(records: Iterable[Mapping[str, Any]], ks: Sequence[int] | None = N
             samples_per_problem=n_min,
             avg_at_k=sum(bool(r["correct"]) for r in samples) / len(samples),
             pass_at_k={str(k): sum(pass_at_k(n, c, k) for n, c in counts) / len(counts) for k in wanted},
-            mean_length=_mean([r["length"] for r in samples]),
+            mean_length=_mean([r.get("length") for r in samples]),
             replace_ratio=_mean([r.get("replace_ratio") for r in samples]),
         )
         rows.append(row)

@@ -59,6 +59,8 @@ def plot_accuracy_vs_ratio(
                 ax.plot([100 * row["replace_ratio"]], [100 * row[metric]], marker=marker, color="black",
                         linestyle="none", label=f"{name} ({row['mode']})")
         ax.set_xlim(-3, 103)
+        top = max((100 * r[metric] for r in group if r.get(metric) is not None), default=0.0)
+        ax.set_ylim(0, min(103, max(5.0, 1.08 * top)))  # accuracies are >= 0: no negative axis when all are 0
         ax.set_title(dataset)
         ax.set_xlabel("replacement ratio (%)")
         ax.set_ylabel("Avg@k (%)" if metric == "avg_at_k" else metric)

@@ -9,9 +9,11 @@ run and a data-parallel run of the same settings produce the same file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 RecordKey = tuple[str, str, str, int]
+KEY_FIELDS = ("mode", "dataset", "problem_id", "sample")
 
 
 def record_key(record: Mapping[str, Any]) -> RecordKey:
@@ -50,12 +53,19 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             if number == len(lines):  # no newline after it: the write was interrupted
                 logger.warning("%s: ignoring the cut-off last line (an interrupted write).", path)
                 continue
             raise ValueError(f"{path}:{number} is not a JSON record ({err.msg}); fix or delete the file.") from err
+        missing = [k for k in KEY_FIELDS if k not in record] if isinstance(record, dict) else list(KEY_FIELDS)
+        if missing:
+            raise ValueError(
+                f"{path}:{number} is not an evaluation record (it lacks {missing}): the file was not written by "
+                "hf-extrapolate eval/sweep; choose another output file (or delete this one)."
+            )
+        records.append(record)
     return records
 
 
@@ -101,13 +111,23 @@ def merge_results(
         ranked = [(order(record_key(r)), i, r) for i, r in enumerate(records)]
         known = sorted((x for x in ranked if x[0] is not None), key=lambda x: x[0])
         records = [r for _, _, r in known] + [r for o, _, r in ranked if o is None]
-    tmp = output.with_name(output.name + ".tmp")
     output.parent.mkdir(parents=True, exist_ok=True)
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(dumps(record) + "\n")
-    os.replace(tmp, output)
+    # a temporary file of this call's own, renamed atomically: two runs merging into one output never share it
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=output.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(dumps(record) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the output gets the usual permissions
+        os.replace(tmp, output)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     for path in files:
         if path != output:
-            path.unlink()
+            with contextlib.suppress(FileNotFoundError):  # another run merging the same output removed it
+                path.unlink()
     return records

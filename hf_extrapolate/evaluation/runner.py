@@ -155,7 +155,7 @@ def evaluate(
 
     ```python
     >>> from hf_extrapolate.evaluation import EvalMode, GenerationSettings, evaluate, load_problems, summarize
-    >>> problems = load_problems("../shared/data/aime24.jsonl")
+    >>> problems = load_problems("examples/data/aime24.jsonl")
     >>> records = evaluate(rl_model, base_model, tokenizer, problems, [EvalMode.base(), EvalMode.rl(),
     ...                    EvalMode.replace("logp_diff", -0.3)], GenerationSettings(num_samples=4), output="aime.jsonl")
     >>> summarize(records)  # Avg@4, Pass@1/2/4, mean length and replacement ratio per mode

@@ -54,6 +54,24 @@ def _check_token_inputs(old_logprobs: torch.Tensor, mask: torch.Tensor) -> None:
             f"`mask` must be a tensor of the same shape as `old_logprobs` {tuple(old_logprobs.shape)} (1 on response "
             f"tokens, 0 on padding), got {_describe(mask)}."
         )
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        bad = mask[(mask != 0) & (mask != 1)][0].item()
+        raise ValueError(f"`mask` must hold only 0 and 1 (1 on response tokens), got the value {bad}; a fractional "
+                         "mask is not a token weight here: pass `mask > 0` (or the 0/1 response mask).")
+    values = old_logprobs.detach()[mask.bool()]
+    if values.numel():
+        if bool(values.isnan().any()) or bool(values.isinf().any()):
+            raise ValueError("`old_logprobs` has NaN or +-inf on response tokens: pass finite log-probabilities "
+                             "(log_softmax of the old policy's logits, gathered at the sampled tokens).")
+        if float(values.max()) > LOGPROB_TOLERANCE:
+            raise ValueError(
+                f"`old_logprobs` holds {float(values.max()):.4g} > 0 on a response token: these are not "
+                "log-probabilities (logits passed by mistake?). Pass `logits.log_softmax(-1).gather(-1, ids)`."
+            )
+
+
+# a log-prob above 0 by more than rounding (bf16 near 0 rounds by < 0.004) is not a log-prob
+LOGPROB_TOLERANCE = 1e-2
 
 
 def _describe(x: object) -> str:
@@ -65,7 +83,7 @@ def _describe(x: object) -> str:
 def _masked_old_probs(old_logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(p_old, mask as a float tensor); p_old is detached and set to 1 off the mask, so padding never yields NaN."""
     keep = mask.bool()
-    p_old = old_logprobs.detach().masked_fill(~keep, 0.0).exp()
+    p_old = old_logprobs.detach().masked_fill(~keep, 0.0).exp().clamp(max=1.0)  # rounding above 0 is p = 1
     return p_old, keep.to(p_old.dtype)
 
 
@@ -236,6 +254,8 @@ def reweight_advantages(
             f"`advantages` must have shape ({batch},), ({batch}, 1) or ({batch}, {length}) to match `old_logprobs` "
             f"{tuple(old_logprobs.shape)}, got shape {tuple(advantages.shape)}."
         )
+    if advantages.is_floating_point() and not bool(advantages.isfinite().all()):
+        raise ValueError("`advantages` has NaN or +-inf: check the rewards and their group normalisation.")
     weights = token_weights(old_logprobs, mask, method, alpha, group_size)
     if not advantages.is_floating_point():
         advantages = advantages.to(weights.dtype)
