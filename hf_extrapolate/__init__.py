@@ -4,6 +4,8 @@ Implements "On the Direction of RLVR Updates for LLM Reasoning: Identification a
 "Beyond Magnitude: Leveraging Direction of RLVR Updates for LLM Reasoning").
 """
 
+import os as _os
+
 from .config import CRITERIA, PROPOSALS, ExtrapolationConfig
 from .directional import directional_logprobs, directional_step
 from .modeling import DirectionalModelForCausalLM
@@ -11,7 +13,11 @@ from .processor import DirectionalLogitsProcessor
 from .reference import ReferenceModel
 from .version import __version__
 
+# a folder for transformers' `generate(custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True, base_model=...)`
+CUSTOM_GENERATE_DIR = _os.path.join(_os.path.dirname(__file__), "custom_generate_repo")
+
 __all__ = [
+    "CUSTOM_GENERATE_DIR",
     "CRITERIA",
     "DirectionalLogitsProcessor",
     "DirectionalModelForCausalLM",

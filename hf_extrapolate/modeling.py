@@ -31,6 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, LogitsProcessorList
 
 from .config import CONFIG_NAME, ExtrapolationConfig
+from .lookahead import lookahead_generate
 from .peft_pair import FusedLoRAReference, _tuner_layers, adapter_disabled, check_pairable, fused_unsupported_reason
 from .processor import DirectionalLogitsProcessor
 from .reference import ReferenceModel, check_causal_lm
@@ -327,7 +328,14 @@ class DirectionalModelForCausalLM(torch.nn.Module, GenerationMixin):
         overrides the model's config for this call. Every other keyword means what it means to `generate` (None
         included: `eos_token_id=None` does not stop at EOS). Returns what `generate` returns; with
         `return_dict_in_generate=True` the output also carries `replace_ratio` (rows,),
-        `replaced_token_probability` (rows, new tokens) and `lora_strategy` (the strategy that ran)."""
+        `replaced_token_probability` (rows, new tokens) and `lora_strategy` (the strategy that ran). `lookahead=k`
+        drafts k tokens per round with the proposal model and checks them in one forward of the other
+        (`hf_extrapolate.lookahead`; the same distribution)."""
+        if kwargs.get("lookahead") is not None:
+            return lookahead_generate(
+                self, inputs, generation_config, logits_processor, extrapolation_config, **kwargs
+            )
+        kwargs.pop("lookahead", None)
         cfg = extrapolation_config if extrapolation_config is not None else self.extrapolation_config
         if not isinstance(cfg, ExtrapolationConfig):
             raise TypeError(f"`extrapolation_config` must be an ExtrapolationConfig, got {type(cfg).__name__}.")

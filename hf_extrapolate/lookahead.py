@@ -1,0 +1,524 @@
+"""Lookahead decoding: the proposal model drafts k tokens, the other model checks them in one forward — exact.
+
+One round, for every row at once:
+
+1. the proposal model (its own KV cache, one token at a time) drafts `y_1..y_n ~ p` (`n <= k`);
+2. the other model scores the n positions in ONE forward over `[last token, y_1..y_{n-1}]`;
+3. the step distribution of `hf_extrapolate.directional` is computed at the n positions (`normalize_pair`,
+   `proposal_and_replacement`, `criteria.fires` via `directional_step_with_replacement`); at the first position j
+   where the criterion fires (token-level `logp_diff` on the drafted `y_j`; position-level from the two
+   distributions; `random` with one uniform per position) the row emits a redraw `z_j ~ r_j` (greedy:
+   `argmax r_j`) and drops `y_{j+1..n}`; if none fires it keeps all n drafts.
+
+Each emitted token then has exactly the distribution of the step-by-step process given its prefix: a kept draft is
+a draw from p on which the criterion did not fire, a redraw is a draw from r where it fired, and the dropped drafts
+were never looked at by anything that is kept. Greedy decoding is the same with argmax.
+
+Rows go at their own pace: the n new cache slots are attended by a row only up to its accepted prefix (the rest are
+masked out in both caches, and position ids continue from the accepted count); trailing slots that no row accepted
+are cropped, so at batch 1 the caches simply roll back.
+
+What it does not do: beam search, assisted decoding, logits processors other than the directional step and the
+fused LoRA strategy (a LoRA pair runs the fallback strategy: the adapter toggled off for the base forwards).
+`DirectionalModelForCausalLM.generate(..., lookahead=k)` and `custom_generate/` are the entry points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import DynamicCache, GenerationConfig
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .config import ExtrapolationConfig
+from .criteria import fires
+from .directional import directional_step_with_replacement, normalize_pair
+from .distributions import NEG_INF, warp_logprobs
+from .processor import shared_vocab_size
+from .statistics import generated_mask
+
+logger = logging.getLogger(__name__)
+
+# generation settings that add logits processors or change the decoding method: refused with lookahead
+_REFUSED_SETTINGS = {
+    "repetition_penalty": (1.0, None),
+    "no_repeat_ngram_size": (0, None),
+    "min_length": (0, None),
+    "min_new_tokens": (0, None),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None,),
+    "guidance_scale": (None, 1.0),
+    "encoder_repetition_penalty": (1.0, None),
+    "exponential_decay_length_penalty": (None,),
+    "renormalize_logits": (False, None),
+    "penalty_alpha": (None,),
+    "output_attentions": (False, None),
+    "output_hidden_states": (False, None),
+}
+
+
+def check_lookahead(lookahead: Any) -> int:
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
+        raise ValueError(
+            f"`lookahead` (={lookahead!r}) must be a positive int: the number of tokens the proposal model drafts per "
+            "round (e.g. 8); omit it for step-by-step decoding."
+        )
+    return lookahead
+
+
+class _Forward:
+    """One model with its own DynamicCache, fed explicit attention masks and position ids."""
+
+    def __init__(self, model: Any, context: Callable[[], Any] | None):
+        self.model = model
+        self.context = context or contextlib.nullcontext
+        self.cache = DynamicCache(config=getattr(model, "config", None))
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
+        with self.context():
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache, use_cache=True,
+                logits_to_keep=keep,
+            )
+        return out.logits
+
+    def crop(self, length: int) -> None:
+        drop = self.cache.get_seq_length() - length
+        if drop > 0:
+            self.cache.crop(-drop)
+
+
+@torch.no_grad()
+def lookahead_decode(
+    rl_model: Any,
+    base_model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    config: ExtrapolationConfig,
+    *,
+    lookahead: int,
+    do_sample: bool,
+    max_new_tokens: int,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    base_context: Callable[[], Any] | None = None,
+    vocab_size: int | None = None,
+    stopping_criteria: Any = None,
+    streamer: Any = None,
+    output_scores: bool = False,
+    output_logits: bool = False,
+    generator: torch.Generator | None = None,
+) -> dict[str, Any]:
+    """Exact lookahead decoding of the directional step distribution. Returns a dict with
+    `sequences` (R, P + T), `scores` / `logits` (tuples of (R, V) per generated position, or None),
+    `mass` (R, T) the replaced mass M of every generated position, `posterior` (R, T) the probability that the token
+    was a redraw (`M r(y) / q(y)`; 0/1 greedy) and `stats` (rounds, drafted, accepted).
+
+    `input_ids` (R, P) left-padded with `attention_mask` (R, P); `base_context` wraps every base forward (the LoRA
+    fallback turns the adapter off in it). Temperature / top-k / top-p are `config`'s (applied inside).
+    """
+    k = check_lookahead(lookahead)
+    device = input_ids.device
+    rows, prompt_len = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = attention_mask.to(device).long()
+    if bool((mask[:, -1] == 0).any()):
+        raise ValueError("`attention_mask` ends with padding: lookahead decoding needs left-padded prompts.")
+    eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=device).flatten()
+    if pad_token_id is None:
+        pad_token_id = int(eos[0]) if eos is not None and eos.numel() else 0
+    greedy = not do_sample
+    rl_runner = _Forward(rl_model, None)
+    base_runner = _Forward(base_model, base_context)
+    proposer, checker = (base_runner, rl_runner) if config.proposal == "base" else (rl_runner, base_runner)
+
+    # prefill both caches with all but the last prompt token (the "pending" token, fed at the start of a round)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    if prompt_len > 1:
+        for runner in (rl_runner, base_runner):
+            runner(input_ids[:, :-1], mask[:, :-1], positions[:, :-1], keep=1)
+    slot_mask = mask[:, :-1]  # (R, slots in the caches)
+    pending = input_ids[:, -1]
+    next_pos = positions[:, -1].clone()  # position id of the pending token
+
+    emitted = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    count = torch.zeros(rows, dtype=torch.long, device=device)
+    done = torch.full((rows,), max_new_tokens <= 0, dtype=torch.bool, device=device)
+    rl_size = rl_model.get_output_embeddings().weight.shape[0]
+    # the token range both models are compared on (padded embedding matrices): drafts come from it only
+    shared = shared_vocab_size(rl_size, base_model.get_output_embeddings().weight.shape[0], vocab_size)
+    mass_out = torch.zeros(rows, max_new_tokens, device=device)
+    post_out = torch.zeros(rows, max_new_tokens, device=device)
+    scores_out: list | None = [] if output_scores else None  # per round: (row index, position, (m, V) values)
+    logits_out: list | None = [] if output_logits else None
+    stats = {"rounds": 0, "drafted": 0, "accepted": 0}
+    ar = torch.arange(k, device=device)
+    if streamer is not None:
+        if rows > 1:
+            raise ValueError("Streamers support only batch size 1 (one row, num_return_sequences=1).")
+        streamer.put(input_ids.cpu())
+
+    while not bool(done.all()):
+        n = int(min(k, int((max_new_tokens - count[~done]).max())))
+        slots = slot_mask.shape[1]
+        # 1. draft n tokens from p, one proposal forward each
+        tokens = [pending]
+        prop_logits = []
+        for i in range(n):
+            step_mask = torch.cat([slot_mask, slot_mask.new_ones(rows, i + 1)], dim=1)
+            logits = proposer(tokens[-1][:, None], step_mask, (next_pos + i)[:, None], keep=1)[:, -1]
+            prop_logits.append(logits)
+            log_p = warp_logprobs(torch.log_softmax(logits[:, :shared].float(), dim=-1), config.temperature, config.top_k,
+                                  config.top_p, normalized=True)
+            if greedy:
+                tokens.append(log_p.argmax(-1))
+            else:
+                tokens.append(torch.multinomial(log_p.exp(), 1, generator=generator).squeeze(-1))
+        drafts = torch.stack(tokens[1:], dim=1)  # (R, n)
+        fed = torch.stack(tokens[:n], dim=1)  # (R, n): pending, y_1..y_{n-1}
+        # 2. the other model scores the n positions in one forward
+        new_mask = torch.cat([slot_mask, slot_mask.new_ones(rows, n)], dim=1)
+        check_logits = checker(fed, new_mask, next_pos[:, None] + ar[:n], keep=n)  # (R, n, V)
+        prop = torch.stack(prop_logits, dim=1)
+        rl_l, base_l = (check_logits, prop) if config.proposal == "base" else (prop, check_logits)
+        rl_flat = rl_l[..., :shared].reshape(rows * n, shared)
+        base_flat = base_l[..., :shared].reshape(rows * n, shared)
+        # 3. the step distribution at the n positions
+        out, mass, log_r = directional_step_with_replacement(
+            rl_flat, base_flat, config, greedy=greedy, generator=generator
+        )
+        if greedy:
+            fire = mass > 0.5
+        elif config.criterion == "random":
+            fire = torch.rand(rows * n, device=device, generator=generator) < config.threshold
+        elif config.criterion == "logp_diff":
+            rl_n, base_n = normalize_pair(rl_flat, base_flat)
+            y = drafts.reshape(-1, 1).clamp(max=shared - 1)
+            fire = fires("logp_diff", config.threshold, rl_n.gather(-1, y), base_n.gather(-1, y)).squeeze(-1)
+        else:  # position-level, always, never: M is the 0/1 fire indicator
+            fire = mass > 0.5
+        fire = fire.view(rows, n)
+        any_fire = fire.any(-1)
+        first = torch.where(any_fire, fire.float().argmax(-1), torch.full_like(count, n))  # (R,)
+        accepted = torch.where(any_fire, first + 1, first)  # emitted tokens this round
+        # the redraw at the first fired position of each row
+        idx = (torch.arange(rows, device=device) * n + first.clamp(max=n - 1))
+        if greedy:
+            redraw = out[idx].argmax(-1)
+        else:
+            redraw = torch.multinomial(log_r[idx].exp(), 1, generator=generator).squeeze(-1)
+        new_tokens = drafts.clone()
+        rows_fired = any_fire.nonzero().squeeze(-1)
+        new_tokens[rows_fired, first[rows_fired]] = redraw[rows_fired]
+        # posterior that the emitted token is a redraw, and the scores of every position
+        chosen = new_tokens.reshape(-1, 1).clamp(max=shared - 1)
+        if greedy:
+            posterior = mass
+        else:
+            log_post = mass.log() + (log_r.gather(-1, chosen) - out.gather(-1, chosen)).squeeze(-1)
+            posterior = log_post.exp().nan_to_num(0.0).clamp(0.0, 1.0)
+        mass, posterior = mass.view(rows, n), posterior.view(rows, n)
+        if shared < rl_size:
+            out = torch.cat([out, out.new_full((out.shape[0], rl_size - shared), NEG_INF)], dim=-1)
+        out = out.view(rows, n, -1)
+
+        # 4. emit per row: budget, EOS and stopping criteria
+        take = torch.minimum(accepted, max_new_tokens - count)
+        if eos is not None:
+            is_eos = torch.isin(new_tokens, eos) & (ar[:n] < take[:, None])
+            has_eos = is_eos.any(-1)
+            take = torch.where(has_eos, is_eos.float().argmax(-1) + 1, take)
+        else:
+            has_eos = torch.zeros_like(done)
+        take = torch.where(done, torch.zeros_like(take), take)
+        if stopping_criteria is not None and len(stopping_criteria) > 0:
+            take, stopped = _apply_stopping(stopping_criteria, input_ids, emitted, count, new_tokens, out, take)
+            has_eos = has_eos | stopped
+        keep = ar[:n] < take[:, None]  # (R, n) emitted this round
+        row_idx, col_idx = keep.nonzero(as_tuple=True)
+        dest = count[row_idx] + col_idx
+        emitted[row_idx, dest] = new_tokens[row_idx, col_idx]
+        mass_out[row_idx, dest] = mass[row_idx, col_idx]
+        post_out[row_idx, dest] = posterior[row_idx, col_idx]
+        if scores_out is not None:
+            scores_out.append((row_idx, dest, out[row_idx, col_idx]))
+        if logits_out is not None:
+            logits_out.append((row_idx, dest, rl_l[row_idx, col_idx].float()))
+        if streamer is not None and int(take[0]) > 0:
+            streamer.put(new_tokens[0, : int(take[0])].cpu())
+        stats["rounds"] += 1
+        stats["drafted"] += int((~done).sum()) * n
+        stats["accepted"] += int(take.sum())
+        count = count + take
+        done = done | has_eos | (count >= max_new_tokens)
+
+        # 5. roll back: slots of the accepted prefix stay attended, the rest are masked out or cropped
+        keep_slots = torch.where(done, torch.zeros_like(accepted), accepted)  # (R,) in 0..n
+        round_mask = (ar[:n] < keep_slots[:, None]).long()
+        width = int(keep_slots.max()) if rows else 0
+        slot_mask = torch.cat([slot_mask, round_mask[:, :width]], dim=1)
+        for runner in (rl_runner, base_runner):
+            runner.crop(slots + width)
+        pending = new_tokens.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(-1)
+        next_pos = next_pos + accepted
+
+    if streamer is not None:
+        streamer.end()
+    length = int(count.max()) if rows else 0
+    sequences = torch.cat([input_ids, emitted[:, :length]], dim=1)
+    return {
+        "sequences": sequences,
+        "scores": _per_position(scores_out, rows, length, pad_token_id, rl_size, True) if output_scores else None,
+        "logits": _per_position(logits_out, rows, length, pad_token_id, rl_size, False) if output_logits else None,
+        "mass": mass_out[:, :length],
+        "posterior": post_out[:, :length],
+        "stats": stats,
+    }
+
+
+def _apply_stopping(criteria, input_ids, emitted, count, new_tokens, out, take):
+    """User stopping criteria, row by row and token by token: (take, stopped) with `take` cut after a stop."""
+    take, stopped = take.clone(), torch.zeros_like(take, dtype=torch.bool)
+    for b in range(take.shape[0]):
+        c = int(count[b])
+        for j in range(int(take[b])):
+            seq = torch.cat([input_ids[b], emitted[b, :c], new_tokens[b, : j + 1]])[None]
+            if bool(criteria(seq, out[b, j : j + 1]).any()):
+                take[b], stopped[b] = j + 1, True
+                break
+    return take, stopped
+
+
+def _per_position(chunks: list, rows: int, length: int, pad: int, vocab: int, is_scores: bool):
+    """Per-round (row index, position, values) chunks -> a tuple of `length` (R, V) tensors. Positions after a row
+    ended hold a distribution with all its mass on the padding token (scores) or zeros (logits)."""
+    width = chunks[0][2].shape[-1] if chunks else vocab
+    full = torch.full((rows, length, width), NEG_INF if is_scores else 0.0)
+    if is_scores:
+        full[:, :, pad] = 0.0
+    for row_idx, dest, values in chunks:
+        full[row_idx.cpu(), dest.cpu()] = values.cpu()
+    full = full.to(chunks[0][2].device) if chunks else full
+    return tuple(full[:, t] for t in range(length))
+
+
+def lookahead_generate(
+    pair: Any,
+    inputs: torch.Tensor | None,
+    generation_config: GenerationConfig | None,
+    logits_processor: Any,
+    extrapolation_config: ExtrapolationConfig | None,
+    *,
+    lookahead: int,
+    **kwargs: Any,
+):
+    """`DirectionalModelForCausalLM.generate(..., lookahead=k)`: resolve generate's arguments, run
+    `lookahead_decode`, and return what `generate` returns (a tensor, or a `GenerateDecoderOnlyOutput` carrying
+    `replace_ratio` and `replaced_token_probability` with `return_dict_in_generate=True`)."""
+    k = check_lookahead(lookahead)
+    if logits_processor:
+        raise ValueError(
+            "`logits_processor` cannot be combined with `lookahead`: lookahead decoding computes the directional step "
+            "itself. Drop `lookahead` (step-by-step) or the processors."
+        )
+    cfg = extrapolation_config if extrapolation_config is not None else pair.extrapolation_config
+    if not isinstance(cfg, ExtrapolationConfig):
+        raise TypeError(f"`extrapolation_config` must be an ExtrapolationConfig, got {type(cfg).__name__}.")
+    stopping_criteria = kwargs.pop("stopping_criteria", None)
+    streamer = kwargs.pop("streamer", None)
+    generator = kwargs.pop("generator", None)
+    for name in ("assistant_model", "prompt_lookup_num_tokens", "prefix_allowed_tokens_fn", "negative_prompt_ids"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"`{name}` cannot be combined with `lookahead`: use one or the other.")
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        raise TypeError(f"`generation_config` must be a GenerationConfig, got {type(generation_config).__name__}.")
+    gen = pair._resolve_generation_config(generation_config, kwargs)
+    if "eos_token_id" in kwargs and kwargs["eos_token_id"] is None:  # as in generate: an explicit None never stops
+        gen.eos_token_id = None
+    kwargs = {key: value for key, value in kwargs.items() if not hasattr(gen, key)}  # the rest are model inputs
+    cfg = _check_generation_config(gen, cfg)
+    nrs = gen.num_return_sequences or 1
+    input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+    kwargs.pop("input_ids", None)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("`lookahead` needs `input_ids` as a (batch, length) tensor.")
+    attention_mask = kwargs.pop("attention_mask", None)
+    if attention_mask is None:
+        attention_mask = _infer_attention_mask(input_ids, gen)
+    kwargs.pop("use_cache", None)
+    if kwargs:
+        raise ValueError(f"Unsupported argument(s) with `lookahead`: {sorted(kwargs)}.")
+    max_new = gen.max_new_tokens
+    if max_new is None:
+        max_new = max(0, (gen.max_length or 20) - input_ids.shape[1])
+    if nrs > 1:
+        input_ids = input_ids.repeat_interleave(nrs, dim=0)
+        attention_mask = attention_mask.repeat_interleave(nrs, dim=0) if attention_mask is not None else None
+
+    return _run(pair, gen, cfg, input_ids, attention_mask, k, int(max_new), stopping_criteria, streamer, generator)
+
+
+def _infer_attention_mask(input_ids: torch.Tensor, gen: GenerationConfig) -> torch.Tensor | None:
+    """transformers' rule: padding tokens are masked when the pad token is not also the EOS token."""
+    pad, eos = gen.pad_token_id, gen.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if pad is None or pad in eos or not bool((input_ids == pad).any()):
+        return None
+    return (input_ids != pad).long()
+
+
+def _check_generation_config(gen: GenerationConfig, cfg: ExtrapolationConfig) -> ExtrapolationConfig:
+    """Refuse what lookahead decoding does not do; return `cfg` with generate's temperature / top-k / top-p."""
+    from .modeling import UNSUPPORTED_WARPERS
+
+    if (gen.num_beams or 1) > 1:
+        raise ValueError(f"`num_beams` (={gen.num_beams}) > 1 cannot be combined with `lookahead`: beam search is not "
+                         "lookahead decoding. Use num_beams=1 or drop `lookahead`.")
+    if gen.prompt_lookup_num_tokens is not None or getattr(gen, "assistant_early_exit", None) is not None:
+        raise ValueError("Assisted decoding cannot be combined with `lookahead`: use one or the other.")
+    for name, neutral in UNSUPPORTED_WARPERS.items():
+        if getattr(gen, name, neutral) not in (neutral, None):
+            raise ValueError(f"`{name}` (={getattr(gen, name)}) is not supported with directional generation: only "
+                             "temperature, top_k and top_p are applied inside each component. Unset it.")
+    for name, neutral in _REFUSED_SETTINGS.items():
+        value = getattr(gen, name, None)
+        if value not in neutral:
+            raise ValueError(f"`{name}` (={value!r}) is not supported with `lookahead`: unset it, or drop `lookahead` "
+                             "for step-by-step decoding.")
+    do_sample = bool(gen.do_sample)
+    nrs = gen.num_return_sequences or 1
+    if not do_sample and nrs > 1:
+        raise ValueError(f"Greedy decoding without beam search does not support `num_return_sequences` (={nrs}) "
+                         "different than 1; pass do_sample=True.")
+    return cfg.replace(
+        temperature=float(gen.temperature) if do_sample and gen.temperature is not None else 1.0,
+        top_k=int(gen.top_k) if do_sample and gen.top_k else 0,
+        top_p=float(gen.top_p) if do_sample and gen.top_p is not None else 1.0,
+    )
+
+
+def _run(pair, gen, cfg, input_ids, attention_mask, k, max_new, stopping_criteria, streamer, generator):
+    """Run `lookahead_decode` for the pair and package the result as `generate` does."""
+    do_sample = bool(gen.do_sample)
+    if pair.is_lora_pair:
+        from .peft_pair import _tuner_layers, adapter_disabled
+
+        layers = _tuner_layers(pair.rl_model)
+        base_model, base_context = pair.rl_model, (lambda: adapter_disabled(layers))
+    else:
+        base_model, base_context = pair._reference_model, None
+    result = lookahead_decode(
+        pair.rl_model, base_model, input_ids, attention_mask, cfg, lookahead=k, do_sample=do_sample,
+        max_new_tokens=max_new, eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
+        base_context=base_context, vocab_size=pair.vocab_size, stopping_criteria=stopping_criteria, streamer=streamer,
+        output_scores=bool(gen.return_dict_in_generate and gen.output_scores),
+        output_logits=bool(gen.return_dict_in_generate and gen.output_logits), generator=generator,
+    )
+    sequences = result["sequences"]
+    prompt_len = input_ids.shape[1]
+    valid = generated_mask(sequences, prompt_len, gen.eos_token_id)
+    ratio = (result["mass"] * valid).sum(-1) / valid.sum(-1)
+    pair.last_replace_ratio = ratio
+    pair.last_processor = None
+    pair.last_lookahead_stats = copy.copy(result["stats"])
+    if not gen.return_dict_in_generate:
+        return sequences
+    out = GenerateDecoderOnlyOutput(sequences=sequences, scores=result["scores"], logits=result["logits"])
+    out["replace_ratio"] = ratio
+    out["replaced_token_probability"] = result["posterior"].masked_fill(~valid, float("nan"))
+    return out
+
+
+# arguments transformers' generate passes to a `custom_generate` folder that the wrapper's generate does not take
+_CUSTOM_DROPPED = ("synced_gpus", "tokenizer", "assistant_tokenizer")
+
+
+def custom_generate_entry(
+    model: Any,
+    *,
+    base_model: Any = None,
+    extrapolation_config: ExtrapolationConfig | dict | None = None,
+    lookahead: int | None = 8,
+    lora_strategy: str = "auto",
+    **generate_arguments: Any,
+):
+    """What `custom_generate/generate.py` runs: `DirectionalModelForCausalLM(model, base_model, ...).generate(...)`.
+
+    `generate_arguments` are those of transformers' `generate` (unset ones arrive as None and are dropped).
+    """
+    from .modeling import DirectionalModelForCausalLM
+
+    if isinstance(extrapolation_config, dict):
+        extrapolation_config = ExtrapolationConfig.from_dict(extrapolation_config)
+    if base_model is None and not hasattr(model, "peft_config"):
+        raise ValueError(
+            "custom_generate (hf_extrapolate) needs `base_model=`: pass the base model the RL model was tuned from "
+            "(or call it on a PEFT model, whose adapter-off weights are the base)."
+        )
+    pair = DirectionalModelForCausalLM(model, base_model, extrapolation_config, lora_strategy=lora_strategy)
+    for name in _CUSTOM_DROPPED:
+        generate_arguments.pop(name, None)
+    kwargs = {name: value for name, value in generate_arguments.items() if value is not None}
+    return pair.generate(lookahead=lookahead, **kwargs)
+
+
+def lookahead_custom_generate(
+    model: Any,
+    input_ids: torch.LongTensor,
+    logits_processor: Any = None,
+    stopping_criteria: Any = None,
+    generation_config: GenerationConfig | None = None,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    base_model: Any = None,
+    extrapolation_config: ExtrapolationConfig | None = None,
+    lookahead: int = 8,
+    lora_strategy: str = "auto",
+    **model_kwargs: Any,
+):
+    """A `custom_generate` callable: `rl_model.generate(**inputs, custom_generate=lookahead_custom_generate,
+    base_model=base, lookahead=8, ...)` runs lookahead decoding on a plain model.
+
+    transformers calls it after preparing generate's inputs (rows already repeated for `num_return_sequences`,
+    `max_length` resolved, logits processors and stopping criteria built from the generation config). Temperature /
+    top-k / top-p are read from the generation config and applied inside each component; any other logits processor
+    is refused; the max-length and EOS criteria are handled natively, other stopping criteria are applied.
+    """
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+
+    from .modeling import DirectionalModelForCausalLM
+
+    k = check_lookahead(lookahead)
+    if synced_gpus:
+        raise ValueError("`synced_gpus=True` is not supported with lookahead decoding.")
+    warpers = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    others = [type(p).__name__ for p in (logits_processor or []) if not isinstance(p, warpers)]
+    if others:
+        raise ValueError(f"Logits processors {others} cannot be combined with lookahead decoding (it computes the "
+                         "directional step itself); unset the settings that create them.")
+    if base_model is None and not hasattr(model, "peft_config"):
+        raise ValueError("`base_model` is required: `generate(custom_generate=lookahead_custom_generate, "
+                         "base_model=base, ...)` (a PEFT model without it uses its adapter-off weights).")
+    pair = DirectionalModelForCausalLM(model, base_model, extrapolation_config, lora_strategy=lora_strategy)
+    gen = copy.deepcopy(generation_config)
+    gen.num_return_sequences = 1  # transformers has validated it and repeated the rows already
+    cfg = _check_generation_config(gen, pair.extrapolation_config)
+    attention_mask = model_kwargs.pop("attention_mask", None)
+    for name in ("use_cache", "cache", "past_key_values", "logits_to_keep", "position_ids"):  # prepared by generate
+        model_kwargs.pop(name, None)
+    if model_kwargs:
+        raise ValueError(f"Unsupported argument(s) with lookahead decoding: {sorted(model_kwargs)}.")
+    kept = [c for c in (stopping_criteria or []) if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+    max_new = max(0, int(gen.max_length) - input_ids.shape[1])
+    return _run(pair, gen, cfg, input_ids, attention_mask, k, max_new, StoppingCriteriaList(kept), streamer, None)

@@ -1,0 +1,358 @@
+"""Lookahead decoding (`generate(..., lookahead=k)`) is the step-by-step directional process, exactly.
+
+- greedy: the same tokens as the step-by-step path (every criterion but random, both proposals, left padding, EOS
+  inside a draft, max_new_tokens not a multiple of k, a stopping criterion);
+- sampling: per-position scores equal a full recompute without cache, and the distribution of short continuations
+  of a tiny-vocabulary pair equals exact enumeration (chi-square; a buggy lookahead sampler is rejected);
+- errors for what it does not do.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from hf_extrapolate import DirectionalModelForCausalLM, ExtrapolationConfig
+from hf_extrapolate.criteria import position_metric
+from hf_extrapolate.directional import directional_step_with_replacement, normalize_pair, proposal_and_replacement
+
+from .tiny import EOS, PAD, left_padded_batch, tiny_llama
+
+POSITION = ("entropy", "rl_entropy", "kl", "reverse_kl", "avg_kl")
+PEAKY = dict(initializer_range=0.3)  # random models whose distributions differ enough for criteria to vary
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_llama(0, **PEAKY), tiny_llama(1, **PEAKY)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return left_padded_batch([5, 3, 7], seed=0)
+
+
+def median_threshold(rl, base, criterion: str, batch, proposal: str = "base") -> float:
+    """A threshold at the median of the criterion's metric over the prompt positions (so it fires about half);
+    for `logp_diff` the metric is the log-ratio of the proposal's greedy token."""
+    with torch.no_grad():
+        l_rl = rl(**batch).logits.flatten(0, 1)
+        l_b = base(**batch).logits.flatten(0, 1)
+    rl_n, base_n = normalize_pair(l_rl, l_b)
+    if criterion == "logp_diff":
+        y0 = (base_n if proposal == "base" else rl_n).argmax(-1, keepdim=True)
+        return float((rl_n.gather(-1, y0) - base_n.gather(-1, y0)).median())
+    return float(position_metric(criterion, rl_n, base_n).median())
+
+
+def configs(rl, base, batch, proposal):
+    out = [("always", 0.0), ("never", 0.0)]
+    return out + [(c, median_threshold(rl, base, c, batch, proposal)) for c in ("logp_diff",) + POSITION]
+
+
+@pytest.mark.parametrize("proposal", ["base", "rl"])
+def test_greedy_tokens_identical_to_step_by_step_every_criterion(pair, batch, proposal):
+    rl, base = pair
+    for criterion, tau in configs(rl, base, batch, proposal):
+        cfg = ExtrapolationConfig(criterion=criterion, threshold=tau, proposal=proposal, gamma=0.5)
+        model = DirectionalModelForCausalLM(rl, base, cfg)
+        ref = model.generate(**batch, do_sample=False, max_new_tokens=13)
+        ref_ratio = model.last_replace_ratio
+        for k in (5,):  # lookahead=1: test_greedy_scores_and_lookahead_1_equal_step_by_step
+            out = model.generate(**batch, do_sample=False, max_new_tokens=13, lookahead=k)
+            assert torch.equal(out, ref), (criterion, proposal, k)
+            torch.testing.assert_close(model.last_replace_ratio, ref_ratio)
+        if criterion not in ("always", "never"):  # the criterion varies along the rows: drafts are really dropped
+            assert 0.0 < float(ref_ratio.mean()) < 1.0, (criterion, ref_ratio)
+
+
+def test_greedy_scores_and_lookahead_1_equal_step_by_step(pair, batch):
+    rl, base = pair
+    model = DirectionalModelForCausalLM(rl, base, ExtrapolationConfig(threshold=-0.3, gamma=0.3))
+    kw = dict(do_sample=False, max_new_tokens=9, return_dict_in_generate=True, output_scores=True)
+    ref = model.generate(**batch, **kw)
+    for k in (1, 3):
+        out = model.generate(**batch, **kw, lookahead=k)
+        assert torch.equal(out.sequences, ref.sequences)
+        for s_la, s_ref in zip(out.scores, ref.scores, strict=True):
+            torch.testing.assert_close(s_la, s_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.replace_ratio, ref.replace_ratio)
+        torch.testing.assert_close(out.replaced_token_probability, ref.replaced_token_probability, equal_nan=True)
+
+
+def test_eos_inside_a_draft_and_rows_at_their_own_pace(pair, batch):
+    rl, base = pair
+    model = DirectionalModelForCausalLM(rl, base, ExtrapolationConfig(threshold=-0.3, proposal="rl"))
+    free = model.generate(**batch, do_sample=False, max_new_tokens=12, eos_token_id=None)
+    prompt = batch["input_ids"].shape[1]
+    eos = int(free[0, prompt + 2])  # row 0's third token: it ends inside the first draft of k=4
+    ref = model.generate(**batch, do_sample=False, max_new_tokens=12, eos_token_id=eos, pad_token_id=PAD)
+    out = model.generate(**batch, do_sample=False, max_new_tokens=12, eos_token_id=eos, pad_token_id=PAD,
+                         lookahead=4)
+    assert torch.equal(out, ref)
+    assert int(out[0, prompt + 2]) == eos and bool((out[0, prompt + 3 :] == PAD).all())
+
+
+def test_stopping_criterion_and_streamer(pair):
+    rl, base = pair
+    prompt = left_padded_batch([4], seed=3)
+    model = DirectionalModelForCausalLM(rl, base, ExtrapolationConfig(threshold=-0.3))
+    free = model.generate(**prompt, do_sample=False, max_new_tokens=10, eos_token_id=None)
+    stop_token = int(free[0, 4 + 4])
+
+    class StopAt(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == stop_token
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten())
+
+        def end(self):
+            self.ended = True
+
+    kw = dict(do_sample=False, max_new_tokens=10, eos_token_id=None, stopping_criteria=StoppingCriteriaList([StopAt()]))
+    ref = model.generate(**prompt, **kw)
+    streamer = Collect()
+    out = model.generate(**prompt, **kw, lookahead=3, streamer=streamer)
+    assert torch.equal(out, ref) and out.shape[1] <= 4 + 5
+    assert torch.equal(torch.cat(streamer.chunks), out[0]) and streamer.ended
+
+
+def full_recompute_scores(rl, base, sequences, attention_mask, cfg, prompt_len, greedy=False):
+    """log q at every generated position from one forward of each model over the whole sequence (no cache)."""
+    mask = torch.cat([attention_mask, torch.ones_like(sequences[:, prompt_len:])], dim=1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        l_rl = rl(input_ids=sequences, attention_mask=mask, position_ids=pos).logits
+        l_b = base(input_ids=sequences, attention_mask=mask, position_ids=pos).logits
+    out = []
+    for t in range(prompt_len - 1, sequences.shape[1] - 1):
+        out.append(directional_step_with_replacement(l_rl[:, t], l_b[:, t], cfg, greedy=greedy)[0])
+    return out
+
+
+@pytest.mark.parametrize(
+    "criterion,tau,proposal",
+    [("logp_diff", -0.3, "base"), ("random", 0.3, "rl"), ("kl", None, "rl"), ("entropy", None, "base")],
+)
+def test_sampled_scores_equal_full_recompute(pair, batch, criterion, tau, proposal):
+    rl, base = pair
+    if tau is None:
+        tau = median_threshold(rl, base, criterion, batch)
+    cfg = ExtrapolationConfig(criterion=criterion, threshold=tau, proposal=proposal, gamma=0.2)
+    model = DirectionalModelForCausalLM(rl, base, cfg)
+    torch.manual_seed(0)
+    out = model.generate(**batch, do_sample=True, temperature=0.8, top_k=40, top_p=0.9, max_new_tokens=11,
+                         lookahead=4, eos_token_id=EOS, pad_token_id=PAD, num_return_sequences=2,
+                         return_dict_in_generate=True, output_scores=True)
+    mask = batch["attention_mask"].repeat_interleave(2, dim=0)
+    prompt = batch["input_ids"].shape[1]
+    assert out.sequences.shape[0] == 6 and len(out.scores) == out.sequences.shape[1] - prompt
+    ref = full_recompute_scores(rl, base, out.sequences, mask, cfg.replace(temperature=0.8, top_k=40, top_p=0.9),
+                                prompt)
+    valid = ~out.replaced_token_probability.isnan()
+    for t, (s, r) in enumerate(zip(out.scores, ref, strict=True)):
+        rows = valid[:, t]
+        torch.testing.assert_close(s[rows], r[rows], atol=1e-5, rtol=1e-5)
+        tok = out.sequences[rows, prompt + t]
+        assert bool(torch.isfinite(s[rows].gather(-1, tok[:, None])).all())  # every emitted token has q > 0
+
+
+# ---------------------------------------------------------------------- exact distribution (tiny vocabulary)
+SMALL_VOCAB, STEPS = 6, 3
+
+
+def exact_tables(rl, base, prompt, cfg):
+    """For every prefix of up to STEPS-1 generated tokens: (log p, log r, fire mask over tokens, log q)."""
+    tables = {}
+    for n in range(STEPS):
+        for prefix in itertools.product(range(SMALL_VOCAB), repeat=n):
+            if EOS in prefix:
+                continue
+            ids = torch.tensor([list(prompt) + list(prefix)])
+            with torch.no_grad():
+                l_rl, l_b = rl(input_ids=ids).logits[:, -1], base(input_ids=ids).logits[:, -1]
+            rl_n, base_n = normalize_pair(l_rl, l_b)
+            log_p, log_r = proposal_and_replacement(rl_n, base_n, cfg)
+            fire = (rl_n - base_n) < cfg.threshold
+            log_q = directional_step_with_replacement(l_rl, l_b, cfg)[0]
+            tables[prefix] = (log_p[0].exp(), log_r[0].exp(), fire[0], log_q[0].exp())
+    return tables
+
+
+def outcome(tokens) -> tuple:
+    tokens = list(tokens)
+    return tuple(tokens[: tokens.index(EOS) + 1]) if EOS in tokens else tuple(tokens)
+
+
+def exact_distribution(tables) -> dict:
+    probs = {}
+
+    def walk(prefix, prob):
+        if len(prefix) == STEPS or (prefix and prefix[-1] == EOS):
+            probs[prefix] = probs.get(prefix, 0.0) + prob
+            return
+        q = tables[prefix][3]
+        for y in range(SMALL_VOCAB):
+            walk(prefix + (y,), prob * float(q[y]))
+
+    walk((), 1.0)
+    return probs
+
+
+def buggy_lookahead_samples(tables, n, k, generator):
+    """The classic bug: after a redraw, keep the later drafts (drawn after the dropped token)."""
+    samples = []
+    for _ in range(n):
+        seq: tuple = ()
+        while len(seq) < STEPS and EOS not in seq:
+            drafts, prefix = [], seq
+            for _ in range(min(k, STEPS - len(seq))):
+                if EOS in prefix:
+                    break
+                y = int(torch.multinomial(tables[prefix][0], 1, generator=generator))
+                drafts.append(y)
+                prefix = prefix + (y,)
+            out, prefix = [], seq
+            for y in drafts:
+                if EOS in prefix:
+                    break
+                p, r, fire, _ = tables[prefix]
+                if bool(fire[y]):
+                    y = int(torch.multinomial(r, 1, generator=generator))
+                out.append(y)
+                prefix = prefix + (y,)
+            seq = seq + tuple(out)
+        samples.append(outcome(seq[:STEPS]))
+    return samples
+
+
+def chi_square_pvalue(samples, probs) -> float:
+    """Pearson chi-square of sample counts against exact probabilities (outcomes with expectation < 5 pooled)."""
+    n = len(samples)
+    counts: dict = {}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    assert set(counts) <= set(probs), "a sample outside the support"
+    big = [o for o in probs if probs[o] * n >= 5]
+    small = [o for o in probs if probs[o] * n < 5]
+    obs = [counts.get(o, 0) for o in big] + ([sum(counts.get(o, 0) for o in small)] if small else [])
+    exp = [probs[o] * n for o in big] + ([sum(probs[o] for o in small) * n] if small else [])
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp, strict=True))
+    df = len(obs) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64),
+                                         torch.tensor(stat / 2.0, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("proposal,tau", [("base", -1.0), ("rl", -0.5)])
+def test_sampling_distribution_equals_exact_enumeration(proposal, tau):
+    rl = tiny_llama(0, vocab_size=SMALL_VOCAB, **PEAKY)
+    base = tiny_llama(1, vocab_size=SMALL_VOCAB, **PEAKY)
+    prompt = (1, 4, 3)
+    cfg = ExtrapolationConfig(criterion="logp_diff", threshold=tau, proposal=proposal, gamma=0.5)
+    tables = exact_tables(rl, base, prompt, cfg)
+    probs = exact_distribution(tables)
+    fired = [float((t[0] * t[2]).sum()) for t in tables.values()]
+    assert 0.1 < sum(fired) / len(fired) < 0.9  # the criterion fires often enough for the test to have power
+    model = DirectionalModelForCausalLM(rl, base, cfg)
+    n = 6000
+    torch.manual_seed(1)
+    out = model.generate(input_ids=torch.tensor([prompt]), do_sample=True, max_new_tokens=STEPS, lookahead=2,
+                         num_return_sequences=n, eos_token_id=EOS, pad_token_id=PAD)
+    samples = [outcome(row) for row in out[:, len(prompt):].tolist()]
+    assert chi_square_pvalue(samples, probs) > 1e-3
+    # negative control: the same test rejects a lookahead sampler that keeps drafts after a redraw
+    wrong = buggy_lookahead_samples(tables, n, 2, torch.Generator().manual_seed(2))
+    assert chi_square_pvalue(wrong, probs) < 1e-6
+
+
+def test_max_new_tokens_not_a_multiple_of_k_sampling(pair, batch):
+    rl, base = pair
+    model = DirectionalModelForCausalLM(rl, base, ExtrapolationConfig(criterion="random", threshold=0.1, proposal="rl"))
+    out = model.generate(**batch, do_sample=True, max_new_tokens=7, lookahead=4, eos_token_id=None)
+    assert out.shape == (3, batch["input_ids"].shape[1] + 7)
+
+
+def test_lora_pair_greedy_matches_step_by_step():
+    from peft import LoraConfig, get_peft_model
+
+    from hf_extrapolate.peft_pair import _tuner_layers
+
+    base = tiny_llama(0, **PEAKY)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    model = DirectionalModelForCausalLM.from_peft(peft_model, ExtrapolationConfig(threshold=-0.05, proposal="rl"))
+    layers = _tuner_layers(peft_model)
+    before = [m._disable_adapters for m in layers]
+    batch = left_padded_batch([4, 6], seed=1)
+    ref = model.generate(**batch, do_sample=False, max_new_tokens=10)
+    out = model.generate(**batch, do_sample=False, max_new_tokens=10, lookahead=4)
+    assert torch.equal(out, ref)
+    assert [m._disable_adapters for m in layers] == before  # the adapter state is the user's: restored
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lookahead=0), "`lookahead`"),
+        (dict(lookahead=4, num_beams=2), "num_beams"),
+        (dict(lookahead=4, prompt_lookup_num_tokens=3), "prompt_lookup_num_tokens"),
+        (dict(lookahead=4, repetition_penalty=1.2), "repetition_penalty"),
+        (dict(lookahead=4, min_p=0.1, do_sample=True), "min_p"),
+    ],
+)
+def test_lookahead_refuses_what_it_does_not_do(pair, batch, kwargs, match):
+    model = DirectionalModelForCausalLM(*pair)
+    with pytest.raises(ValueError, match=match):
+        model.generate(**batch, max_new_tokens=4, **kwargs)
+
+
+def test_custom_generate_folder_and_callable_on_a_plain_model(pair, batch):
+    from hf_extrapolate import CUSTOM_GENERATE_DIR
+    from hf_extrapolate.lookahead import lookahead_custom_generate
+
+    rl, base = pair
+    cfg = ExtrapolationConfig(threshold=-0.3, proposal="rl", gamma=0.2)
+    ref = DirectionalModelForCausalLM(rl, base, cfg).generate(**batch, do_sample=False, max_new_tokens=9)
+    kw = dict(base_model=base, extrapolation_config=cfg, do_sample=False, max_new_tokens=9)
+    folder = rl.generate(**batch, custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True, lookahead=4, **kw)
+    assert torch.equal(folder, ref)
+    step = rl.generate(**batch, custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True, lookahead=None, **kw)
+    assert torch.equal(step, ref)
+    call = rl.generate(**batch, custom_generate=lookahead_custom_generate, lookahead=4, **kw)
+    assert torch.equal(call, ref)
+    # sampling through the callable: transformers repeats the rows, the scores are log q (full recompute)
+    torch.manual_seed(0)
+    out = rl.generate(**batch, custom_generate=lookahead_custom_generate, base_model=base, extrapolation_config=cfg,
+                      lookahead=3, do_sample=True, top_k=0, top_p=0.9, max_new_tokens=7, num_return_sequences=2,
+                      return_dict_in_generate=True, output_scores=True)
+    prompt = batch["input_ids"].shape[1]
+    mask = batch["attention_mask"].repeat_interleave(2, dim=0)
+    ref_scores = full_recompute_scores(rl, base, out.sequences, mask, cfg.replace(top_p=0.9), prompt)
+    valid = ~out.replaced_token_probability.isnan()
+    assert out.sequences.shape[0] == 6 and bool(valid[:, 0].all())
+    for t, (s, r) in enumerate(zip(out.scores, ref_scores, strict=True)):
+        torch.testing.assert_close(s[valid[:, t]], r[valid[:, t]], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="base_model"):
+        rl.generate(**batch, custom_generate=lookahead_custom_generate, lookahead=4, max_new_tokens=3)
+
+
+def test_padded_vocabularies_draw_only_shared_tokens(batch):
+    rl, base = tiny_llama(0, vocab_size=70, **PEAKY), tiny_llama(1, **PEAKY)  # the RL head is padded by 6 rows
+    for proposal in ("base", "rl"):
+        model = DirectionalModelForCausalLM(rl, base, ExtrapolationConfig(threshold=-0.3, proposal=proposal),
+                                            vocab_size=64)
+        ref = model.generate(**batch, do_sample=False, max_new_tokens=8)
+        assert torch.equal(model.generate(**batch, do_sample=False, max_new_tokens=8, lookahead=3), ref)
+        torch.manual_seed(0)
+        out = model.generate(**batch, do_sample=True, max_new_tokens=8, lookahead=3, num_return_sequences=8,
+                             return_dict_in_generate=True, output_scores=True)
+        assert int(out.sequences.max()) < 64 and out.scores[0].shape[-1] == 70
