@@ -4,7 +4,7 @@ Implements "On the Direction of RLVR Updates for LLM Reasoning: Identification a
 "Beyond Magnitude: Leveraging Direction of RLVR Updates for LLM Reasoning").
 """
 
-from .config import CRITERIA, PROPOSALS, ExtrapolationConfig
+from .config import CRITERIA, PRESETS, PROPOSALS, ExtrapolationConfig
 from .directional import directional_logprobs, directional_step
 from .modeling import DirectionalModelForCausalLM
 from .processor import DirectionalLogitsProcessor
@@ -16,6 +16,7 @@ __all__ = [
     "DirectionalLogitsProcessor",
     "DirectionalModelForCausalLM",
     "ReferenceModel",
+    "PRESETS",
     "PROPOSALS",
     "ExtrapolationConfig",
     "directional_logprobs",
