@@ -6,7 +6,7 @@ Implements "On the Direction of RLVR Updates for LLM Reasoning: Identification a
 
 import os as _os
 
-from .config import CRITERIA, PROPOSALS, ExtrapolationConfig
+from .config import CRITERIA, PRESETS, PROPOSALS, ExtrapolationConfig
 from .directional import directional_logprobs, directional_step
 from .modeling import DirectionalModelForCausalLM
 from .processor import DirectionalLogitsProcessor
@@ -22,6 +22,7 @@ __all__ = [
     "DirectionalLogitsProcessor",
     "DirectionalModelForCausalLM",
     "ReferenceModel",
+    "PRESETS",
     "PROPOSALS",
     "ExtrapolationConfig",
     "directional_logprobs",

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PROPOSALS = ("base", "rl")
-TOKEN_CRITERIA = ("logp_diff",)
+# token-level: `logp_diff` is always log pi_RL - log pi_base (Eq. 1); the role-relative pair compares the proposal
+# with the other model (the reference code's `logp` / `neg_logp`; with proposal="base" `logp_other_minus_proposal`
+# is `logp_diff`)
+TOKEN_CRITERIA = ("logp_diff", "logp_other_minus_proposal", "logp_proposal_minus_other")
 POSITION_CRITERIA = ("entropy", "rl_entropy", "kl", "reverse_kl", "avg_kl")
 OTHER_CRITERIA = ("random", "always", "never")
 CRITERIA = TOKEN_CRITERIA + POSITION_CRITERIA + OTHER_CRITERIA
@@ -26,6 +29,18 @@ CONFIG_NAME = "extrapolation_config.json"
 MAX_GAMMA = 1e3
 MIN_TEMPERATURE = 1e-4
 MAX_TEMPERATURE = 1e4
+# The released settings of the paper's `scripts/run_extrapolate.sh` (the extrapolation runs; the script's
+# "replace only" runs are the same with gamma=0). Every one has the base model proposing (`--model` = base) with the
+# `neg_logp` gate, which is `logp_diff` when the base proposes, and the reference's top-50 view of each engine.
+_RELEASED = dict(proposal="base", criterion="logp_diff", temperature=1.0, top_k=0, top_p=0.7, view_top_k=50)
+PRESETS: dict[str, dict[str, Any]] = {
+    "dapo-32b": dict(_RELEASED, threshold=-0.3, gamma=0.05, base_model="Qwen/Qwen2.5-32B",
+                     rl_model="BytedTsinghua-SIA/DAPO-Qwen-32B"),
+    "orz-32b": dict(_RELEASED, threshold=-0.4, gamma=0.1, base_model="Qwen/Qwen2.5-32B",
+                    rl_model="Open-Reasoner-Zero/Open-Reasoner-Zero-32B"),
+    "unireason-14b": dict(_RELEASED, threshold=-0.35, gamma=0.1, base_model="Qwen/Qwen3-14B-Base",
+                          rl_model="ReasoningTransferability/UniReason-Qwen3-14B-RL"),
+}
 
 
 def _is_real(value: Any) -> bool:
@@ -58,6 +73,8 @@ class ExtrapolationConfig:
         default="logp_diff",
         metadata={
             "help": "When to redraw: 'logp_diff' (token-level, fires when logp_rl(y) - logp_base(y) < threshold); "
+            "'logp_other_minus_proposal' / 'logp_proposal_minus_other' (token-level, role-relative: fire when "
+            "logp_other(y) - logp_proposal(y) < threshold, resp. logp_proposal(y) - logp_other(y) < threshold); "
             "'entropy', 'rl_entropy', 'kl', 'reverse_kl', 'avg_kl' (position-level, fire when the metric > "
             "threshold); 'random' (fires with probability threshold); 'always'; 'never'."
         },
@@ -77,7 +94,16 @@ class ExtrapolationConfig:
         default=None,
         metadata={
             "help": "Restrict r to the proposal's top-k raw tokens before warping (the paper's reference code sees "
-            "only the top-50); None uses the full vocabulary."
+            "only the top-50); None uses the full vocabulary. Not the reference's step: see `view_top_k`."
+        },
+    )
+    view_top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "Compute the step from what an engine returning only the top-k log-probs (plus the drawn token) "
+            "shows, as the paper's reference code does with k=50: the other model's log-prob outside its top-k is "
+            "the smallest of its top-k (gate and redraw), the redraw's candidates are the proposal's top-k plus the "
+            "drawn token, entropy / KL use the renormalised top-k views. None (default) uses the full vocabulary."
         },
     )
 
@@ -125,6 +151,44 @@ class ExtrapolationConfig:
                 f"`candidate_top_k` (={self.candidate_top_k!r}) has to be a positive integer (the paper's reference "
                 "code uses 50) or None for the full vocabulary."
             )
+
+        if self.view_top_k is not None:
+            if isinstance(self.view_top_k, bool) or not isinstance(self.view_top_k, int) or self.view_top_k < 1:
+                raise ValueError(
+                    f"`view_top_k` (={self.view_top_k!r}) has to be a positive integer (the paper's reference code "
+                    "sees the top-50: view_top_k=50) or None for the exact full-vocabulary step."
+                )
+            if self.candidate_top_k is not None:
+                raise ValueError(
+                    f"`candidate_top_k` (={self.candidate_top_k}) cannot be combined with `view_top_k` "
+                    f"(={self.view_top_k}): the view already restricts the redraw to the proposal's top-k plus the "
+                    "drawn token. Set candidate_top_k=None."
+                )
+            if self.top_k != 0:
+                raise ValueError(
+                    f"`top_k` (={self.top_k}) must be 0 with `view_top_k` (={self.view_top_k}): the reference code "
+                    "it reproduces has no top-k warper. Set top_k=0, or view_top_k=None for the exact step."
+                )
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ExtrapolationConfig:
+        """The released setting `name` of the paper (see `PRESETS`), with `overrides` applied.
+
+        The presets reproduce the reference code's step (`view_top_k=50`, base proposing, `logp_diff` gate,
+        temperature 1.0, top-p 0.7); `preset(name, view_top_k=None)` is the same setting on the exact step.
+
+        ```python
+        >>> from hf_extrapolate import ExtrapolationConfig
+        >>> ExtrapolationConfig.preset("dapo-32b").threshold
+        -0.3
+        ```
+        """
+        if name not in PRESETS:
+            raise ValueError(f"`name` (={name!r}) is not a preset; the presets are {sorted(PRESETS)}.")
+        values = {k: v for k, v in PRESETS[name].items() if k not in ("base_model", "rl_model")}
+        _check_keys(overrides, "ExtrapolationConfig.preset")
+        return cls(**{**values, **overrides})
 
     # ------------------------------------------------------------------ helpers
     @property

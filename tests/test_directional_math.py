@@ -82,6 +82,10 @@ def _np_q(rl_row, base_row, cfg: ExtrapolationConfig):
         return (1 - tau) * p + tau * r, tau, p, r
     if c == "logp_diff":
         fire = np.array([bool(allowed[y]) and lrl[y] - lb[y] < tau for y in range(V)])
+    elif c in ("logp_other_minus_proposal", "logp_proposal_minus_other"):
+        lp, lo = (lb, lrl) if cfg.proposal == "base" else (lrl, lb)
+        diff = lo - lp if c == "logp_other_minus_proposal" else lp - lo
+        fire = np.array([bool(allowed[y]) and diff[y] < tau for y in range(V)])
     elif c == "always":
         fire = np.ones(V, bool)
     elif c == "never":
@@ -135,6 +139,9 @@ def test_greedy_token_matches_closed_form(kw):
         c = cfg.criterion
         if c == "logp_diff":
             fire = lrl[y0] - lb[y0] < cfg.threshold
+        elif c in ("logp_other_minus_proposal", "logp_proposal_minus_other"):
+            lp, lo = (lb, lrl) if cfg.proposal == "base" else (lrl, lb)
+            fire = (lo[y0] - lp[y0] if c == "logp_other_minus_proposal" else lp[y0] - lo[y0]) < cfg.threshold
         elif c in ("always", "never"):
             fire = c == "always"
         else:

@@ -1,6 +1,7 @@
 """`hf-extrapolate demo`: the paper's story in one minute, offline, on the built-in toy base/RLVR pair.
 
-It solves a few held-out arithmetic problems with the base model, the RL model and selective extrapolation, shows
+It solves a few held-out arithmetic problems with the base model, the RL model, token replacement (Algorithm 1),
+Selective Extrapolate (the base proposing, the paper's Fig. 4) and extrapolation on the RL model (Table 1), shows
 the tokens that were redrawn (highlighted), and prints the accuracy of each mode on more held-out problems, all with
 the same seeds.
 """
@@ -24,7 +25,8 @@ DEFAULT_THRESHOLD, DEFAULT_GAMMA = -0.3, 0.1
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="base vs RL vs selective extrapolation on the built-in toy pair (offline; 0.5-2 min on a busy 2-core CPU)",
+        help="base vs RL vs token replacement vs selective extrapolation on the built-in toy pair (offline; "
+        "0.5-2 min on a busy 2-core CPU)",
         description="Runs the built-in toy base/RLVR pair (a tiny Llama trained by this library on multi-step "
         "arithmetic) on held-out problems: the completions of each mode with the redrawn tokens highlighted, then "
         "an accuracy table over --eval-problems problems.",
@@ -103,15 +105,18 @@ def run(args: argparse.Namespace) -> int:
     choose_threads(args, rl_model, base_model)  # 341k parameters: one thread (--threads N to change)
     info = toy_pair_info(args.pair)
     threshold, gamma = args.threshold, args.gamma
-    # Algorithm 1: the base proposes, the RL model redraws where the criterion fires ...
+    # Token replacement (Algorithm 1): the base proposes, the RL model redraws where the criterion fires
     replace = ExtrapolationConfig(proposal="base", criterion=args.criterion, threshold=threshold, gamma=0.0)
-    # ... and Eq. 7 on the RL model (the paper's Table 1): the RL model proposes, pi_RL^(1+g) / pi_base^g redraws
-    extrapolate = ExtrapolationConfig(proposal="rl", criterion=args.criterion, threshold=threshold, gamma=gamma)
-    model = DirectionalModelForCausalLM.from_models(rl_model, base_model, extrapolate)
+    # Selective Extrapolate (the paper's Fig. 4): the base proposes, pi_RL^(1+g) / pi_base^g redraws where it fires
+    selective = replace.replace(gamma=gamma)
+    # the paper's Table 1: the RL model proposes, pi_RL^(1+g) / pi_base^g redraws where it fires
+    on_rl = selective.replace(proposal="rl")
+    model = DirectionalModelForCausalLM.from_models(rl_model, base_model, selective)
     color = args.color if args.color is not None else sys.stdout.isatty()
     modes = [("base", "base", None), ("rl", "RL", None),
-             ("replace", f"base + RL redraws (τ={threshold:g})", replace),
-             ("extrapolate", f"RL + extrapolation (γ={gamma:g})", extrapolate)]
+             ("replace", f"Token Replacement (τ={threshold:g})", replace),
+             ("selective", f"Selective Extrapolate (γ={gamma:g})", selective),
+             ("on_rl", f"RL + Selective Extrapolate (γ={gamma:g})", on_rl)]
     write = sys.stdout.write
 
     # the held-out problems of the pair's own task (a pair built with other settings has other problems)
@@ -122,9 +127,12 @@ def run(args: argparse.Namespace) -> int:
     size = f"{parameters:,} parameters" if isinstance(parameters, int) else "a tiny Llama"
     write(f"hf-extrapolate demo: the built-in toy pair ({size}), "
           f"criterion {args.criterion}; redrawn tokens are {'highlighted' if color else 'in [brackets]'}.\n"
-          "  base + RL redraws: the base model proposes each token, the RL model redraws it where the criterion "
+          "  Token Replacement: the base model proposes each token, the RL model redraws it where the criterion "
           "fires (Algorithm 1)\n"
-          "  RL + extrapolation: the RL model proposes, pi_RL^(1+γ) / pi_base^γ redraws where it fires (Eq. 7)\n")
+          "  Selective Extrapolate: the base model proposes, pi_RL^(1+γ) / pi_base^γ redraws where it fires "
+          "(Eq. 7; the paper's Fig. 4)\n"
+          "  RL + Selective Extrapolate: the RL model proposes, pi_RL^(1+γ) / pi_base^γ redraws where it fires "
+          "(the paper's Table 1)\n")
     completions = {key: _generate(model, tokenizer, shown, key, cfg, args, 1) for key, _, cfg in modes}
     for i, problem in enumerate(shown):
         write(f"\n{problem.statement}   (answer {problem.answer})\n")
@@ -134,15 +142,15 @@ def run(args: argparse.Namespace) -> int:
             marks = redrawn[i, :n].tolist() if cfg is not None else None
             text = _highlight(tokenizer, ids[i, :n].tolist(), marks, color)
             ok = verify(tokenizer.decode(ids[i], skip_special_tokens=True), problem.answer) == 1.0
-            write(f"  {label:<28} {'✓' if ok else '✗'}  {text.strip()!s}\n".replace("\n", " ").rstrip() + "\n")
+            write(f"  {label:<38} {'✓' if ok else '✗'}  {text.strip()!s}\n".replace("\n", " ").rstrip() + "\n")
 
     table = problems[: args.eval_problems]
     write(f"\nAccuracy on {len(table)} held-out problems, {args.samples} sample(s) each, same seeds:\n")
-    write(f"  {'mode':<32}{'accuracy':>10}{'replaced':>10}\n")
+    write(f"  {'mode':<40}{'accuracy':>10}{'replaced':>10}\n")
     for key, label, cfg in modes:
         ids, _, ratio = _generate(model, tokenizer, table, key, cfg, args, args.samples)
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         answers = [p.answer for p in table for _ in range(args.samples)]
         acc = sum(verify(t, a) for t, a in zip(texts, answers)) / len(texts)
-        write(f"  {label:<32}{acc:>10.1%}{float(ratio.mean()):>10.1%}\n")
+        write(f"  {label:<40}{acc:>10.1%}{float(ratio.mean()):>10.1%}\n")
     return 0

@@ -304,6 +304,7 @@ def run_and_report(args: argparse.Namespace, rl_model, base_model, tokenizer, pr
         records = evaluate(
             rl_model, base_model, tokenizer, problems, modes, settings_from(args), output=args.output,
             resume=not args.overwrite, state=state, progress=update,
+            scorer=getattr(args, "scorer", None) or "lenient", eos_token_id=getattr(args, "eos_token_id", None),
         )
     finally:
         close()
@@ -344,8 +345,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(criterion + threshold + gamma > 0 + proposal) (default: base rl replace)")
     add_config_arguments(parser)
     add_sampling_arguments(parser)
+    add_protocol_arguments(parser)
     add_output_arguments(parser)
     parser.set_defaults(handler=run)
+
+
+# the paper's evaluation protocol (its reference code's `extrapolate.py` defaults and `run_extrapolate.sh`)
+PAPER_PROTOCOL = {"num_return_sequences": 32, "temperature": 1.0, "top_p": 0.7, "top_k": 0, "max_new_tokens": 20000,
+                  "chat_template": True, "scorer": "strict"}
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("protocol and scoring")
+    group.add_argument("--protocol", default=None, choices=("paper",),
+                       help="paper: 32 samples per problem, temperature 1.0, top-p 0.7, up to 20000 new tokens, the "
+                       "tokenizer's (= the RL model's) chat template, the strict scorer; report Avg@32 and Pass@k "
+                       "up to 32 (the paper's Pass@16 included). Give it the paper's data: AIME-24/25 (and AMC)")
+    group.add_argument("--scorer", default=None, choices=("lenient", "strict"),
+                       help="lenient: the last complete \\boxed{}; strict: only the text after the last \\boxed "
+                       "(the reference's rule) (default: lenient, strict with --protocol paper)")
+    group.add_argument("--eos-token-id", type=int, nargs="+", default=None, metavar="ID",
+                       help="token ids that end a response (default: the tokenizer's and the models' own)")
+
+
+def apply_protocol(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> None:
+    """Set the settings of `--protocol`; an explicit flag that contradicts it is an error naming both."""
+    if getattr(args, "protocol", None) != "paper":
+        return
+    for name, value in PAPER_PROTOCOL.items():
+        given = getattr(args, name)
+        if given is not None and given != parser_defaults.get(name) and given != value:
+            flag = "--" + name.replace("_", "-")
+            raise CLIError(f"--protocol paper sets {flag} {value}, but {flag} {given} was given; drop one of them")
+        setattr(args, name, value)
 
 
 def build_modes(args: argparse.Namespace) -> list:
@@ -367,7 +399,12 @@ def build_modes(args: argparse.Namespace) -> list:
     return modes
 
 
+_EVAL_DEFAULTS = {"num_return_sequences": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 1024,
+                  "chat_template": None, "scorer": None}
+
+
 def run(args: argparse.Namespace) -> int:
+    apply_protocol(args, _EVAL_DEFAULTS)
     problems = load_problems_arg(args)
     modes = build_modes(args)
     state = process_state(args)

@@ -4,7 +4,7 @@ Importing this package needs neither matplotlib (plots import it when drawing) n
 it when checking).
 """
 
-from .answers import extract_boxed, is_correct
+from .answers import SCORERS, extract_boxed, extract_boxed_strict, is_correct
 from .data import Problem, load_datasets, load_problems
 from .generation import GenerationSettings, Responses, generate_responses
 from .metrics import default_ks, format_summary, pass_at_k, per_problem_accuracy, summarize
@@ -23,7 +23,9 @@ __all__ = [
     "build_prompt",
     "default_ks",
     "evaluate",
+    "SCORERS",
     "extract_boxed",
+    "extract_boxed_strict",
     "format_question",
     "format_summary",
     "generate_responses",

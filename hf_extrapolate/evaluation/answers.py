@@ -153,3 +153,29 @@ def _check(prediction: str, reference: str) -> bool:
     if not gold or not target:
         return "".join(str(prediction).split()) == "".join(reference.split())
     return bool(_math_verify().verify(list(gold), list(target)))
+
+
+def extract_boxed_strict(text: str | None) -> str | None:
+    """The paper's reference rule: only the text after the *last* `\\boxed` counts; its braced argument, stripped.
+
+    Unlike `extract_boxed`, a last box cut off by the token limit (or without braces) gives None instead of falling
+    back to an earlier box, and `\\fbox` is not read.
+
+    >>> extract_boxed_strict("\\\\boxed{1} then \\\\boxed{2")  # the last box is unfinished
+    >>> extract_boxed("\\\\boxed{1} then \\\\boxed{2")
+    '1'
+    """
+    if not text:
+        return None
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    rest = text[start + len("\\boxed") :]
+    if not rest.startswith("{"):
+        return None
+    close = _closing_braces(rest).get(0)  # one pass over the tail: linear, like extract_boxed
+    return None if close is None else rest[1 : close - 1].strip()
+
+
+# how a response's final answer is read: `lenient` (default) or the reference's `strict` rule
+SCORERS = {"lenient": extract_boxed, "strict": extract_boxed_strict}

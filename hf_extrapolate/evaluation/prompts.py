@@ -8,8 +8,9 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 
 
 def format_question(problem: str) -> str:
-    """`{problem}\\nPlease reason step by step, and put your final answer within \\boxed{}.`"""
-    return f"{problem}\n{INSTRUCTION}"
+    """`{problem.strip()}\\nPlease reason step by step, and put your final answer within \\boxed{}.` (the paper's
+    prompt, built as its reference code builds it: the problem stripped of surrounding whitespace)."""
+    return f"{problem.strip()}\n{INSTRUCTION}"
 
 
 def build_prompt(problem: str, tokenizer: Any = None, *, chat_template: bool = True) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .answers import extract_boxed, is_correct
+from .answers import SCORERS, is_correct
 from .data import Problem
 from .generation import GenerationSettings, Responses, encode_prompts, eos_token_ids, generate_responses
 from .modes import EvalMode
@@ -71,13 +71,17 @@ def make_batches(problems: Sequence[Problem], batch_size: int) -> list[tuple[str
     ]
 
 
+# record fields added later, with the value a record written before them stands for
+_FIELD_DEFAULTS = {"scorer": "lenient", "eos_token_id": None}
+
+
 def _check_compatible(existing: dict[RecordKey, dict[str, Any]], expected: dict[RecordKey, dict[str, Any]], output) -> None:
     for key, fields in expected.items():
         old = existing.get(key)
         if old is None:
             continue
         for name, value in fields.items():
-            if old.get(name) != value:
+            if old.get(name, _FIELD_DEFAULTS.get(name)) != value:
                 raise ValueError(
                     f"{output} already holds a record for {key} made with {name}={old.get(name)!r}, but this run uses "
                     f"{name}={value!r}. A run resumes only with the same settings: pass another output file, or "
@@ -87,8 +91,10 @@ def _check_compatible(existing: dict[RecordKey, dict[str, Any]], expected: dict[
 
 def _records_for(
     responses: Responses, batch: list[Problem], mode: EvalMode, settings: GenerationSettings, tokenizer: Any,
-    eos: list[int],
+    eos: list[int], run_fields: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
+    run_fields = run_fields if run_fields is not None else {"scorer": "lenient", "eos_token_id": None}
+    extract = SCORERS[run_fields["scorer"]]
     k = settings.num_samples
     sequences = responses.sequences.cpu()
     lengths = responses.lengths.cpu().tolist()
@@ -99,7 +105,7 @@ def _records_for(
         problem, sample = batch[row // k], row % k
         response = sequences[row, responses.prompt_length : responses.prompt_length + lengths[row]]
         text = tokenizer.decode(response.tolist(), skip_special_tokens=True)
-        extracted = extract_boxed(text)
+        extracted = extract(text)
         record = {
             "mode": mode.name,
             "dataset": problem.dataset,
@@ -115,6 +121,7 @@ def _records_for(
         }
         record.update({name: value for name, value in mode.fields().items() if name != "mode"})
         record.update(settings.record_fields())
+        record.update(run_fields)
         records.append(record)
     return records
 
@@ -131,6 +138,8 @@ def evaluate(
     resume: bool = True,
     state: Any = None,
     progress: Callable[[int, int], None] | None = None,
+    scorer: str = "lenient",
+    eos_token_id: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Sample every problem `settings.num_samples` times in every mode and check the answers.
 
@@ -145,6 +154,11 @@ def evaluate(
             `False` deletes `output` first.
         state (*optional*): an `accelerate.PartialState` for data parallelism; None runs in this process only.
         progress (*optional*): called as `progress(done, total)` after each unit this process generates.
+        scorer (`str`, defaults to `"lenient"`): how the final answer is read: `"lenient"` (`extract_boxed`: the
+            last complete `\\boxed{}`) or `"strict"` (`extract_boxed_strict`: only the text after the last
+            `\\boxed`, the paper's reference rule).
+        eos_token_id (*optional*): the ids that end a response, instead of the union of the tokenizer's and the
+            models' end-of-sequence ids.
 
     Returns:
         The records of all modes and problems, in canonical order (mode, data set, problem, sample): dicts with
@@ -163,6 +177,16 @@ def evaluate(
     """
     settings = settings if settings is not None else GenerationSettings()
     state = state if state is not None else SingleProcess()
+    if scorer not in SCORERS:
+        raise ValueError(f"`scorer` (={scorer!r}) must be one of {sorted(SCORERS)}: 'lenient' reads the last complete "
+                         "\\boxed{}, 'strict' only the text after the last \\boxed (the paper's reference rule).")
+    if eos_token_id is not None:
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not ids or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+            raise ValueError(f"`eos_token_id` (={eos_token_id!r}) must be a token id or a non-empty list of token "
+                             "ids (non-negative integers), or None for the tokenizer's and models' own.")
+        eos_token_id = ids
+    run_fields = {"scorer": scorer, "eos_token_id": eos_token_id}
     problems, modes = list(problems), list(modes)
     if not problems:
         raise ValueError("`problems` is empty; load some with load_problems(path).")
@@ -188,6 +212,7 @@ def evaluate(
     for mode, (_, _, items) in units:
         fields = {name: value for name, value in mode.fields().items() if name != "mode"}
         fields.update(settings.record_fields())
+        fields.update(run_fields)
         for problem in items:
             fields_p = dict(fields, answer=problem.answer)
             for sample in range(settings.num_samples):
@@ -212,7 +237,7 @@ def evaluate(
     logger.info("process %d/%d: %d of its %d units to generate (%d records already done)", rank, world, len(todo),
                 len(mine), len(existing))
 
-    eos = eos_token_ids(tokenizer, rl_model, base_model)
+    eos = list(eos_token_id) if eos_token_id is not None else eos_token_ids(tokenizer, rl_model, base_model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     prompts = {
         (p.dataset, p.problem_id): build_prompt(p.problem, tokenizer, chat_template=settings.chat_template)
@@ -234,7 +259,7 @@ def evaluate(
         responses = generate_responses(
             rl_model, base_model, mode, input_ids, attention_mask, settings, eos_token_id=eos, pad_token_id=pad
         )
-        records = [r for r in _records_for(responses, items, mode, settings, tokenizer, eos)
+        records = [r for r in _records_for(responses, items, mode, settings, tokenizer, eos, run_fields)
                    if record_key(r) not in existing]
         if own_file is not None:
             append_records(own_file, records)

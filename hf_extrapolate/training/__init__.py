@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import DEFAULT_ALPHA, REWEIGHTING_METHODS, ReweightingConfig
+from .config import DEFAULT_ALPHA, REWEIGHTING_METHODS, TRAINING_PRESETS, ReweightingConfig
 from .reweighting import (
     dominate_weights,
     lowprob_weights,
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_ALPHA",
     "REWEIGHTING_METHODS",
+    "TRAINING_PRESETS",
     "DirectionalGRPOTrainer",
     "ReweightingConfig",
     "dominate_weights",

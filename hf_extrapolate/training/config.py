@@ -21,6 +21,13 @@ REWEIGHTING_METHODS = ("lowprob", "ppl", "dominate", "none")
 # - ppl: 0.1, our choice: the value of Deng et al. could not be verified (see `reweighting.ppl_weights`).
 DEFAULT_ALPHA = {"lowprob": 0.2, "ppl": 0.1, "dominate": 0.2, "none": 0.0}
 
+# The paper's training runs (the reference's `scripts/run_7B.sh`, `scripts/run_8B.sh`): Eq. 8 on DAPO with alpha per
+# base model. `model` is the base model trained from (the 7B script uses a copy with a 32k context window).
+TRAINING_PRESETS: dict[str, dict[str, Any]] = {
+    "qwen2.5-math-7b": {"method": "lowprob", "alpha": 0.2, "model": "Qwen/Qwen2.5-Math-7B"},
+    "qwen3-8b-base": {"method": "lowprob", "alpha": 0.1, "model": "Qwen/Qwen3-8B-Base"},
+}
+
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -97,6 +104,21 @@ class ReweightingConfig:
                 "tokens the logged metric `reweight/low_prob_frac` counts as low-probability (default 0.5)."
             )
         self.low_prob_threshold = float(self.low_prob_threshold)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ReweightingConfig:
+        """The paper's reweighting for the base model `name` (see `TRAINING_PRESETS`), with `overrides` applied.
+
+        ```python
+        >>> from hf_extrapolate.training import ReweightingConfig
+        >>> ReweightingConfig.preset("qwen3-8b-base").alpha
+        0.1
+        ```
+        """
+        if name not in TRAINING_PRESETS:
+            raise ValueError(f"`name` (={name!r}) is not a training preset; the presets are {sorted(TRAINING_PRESETS)}.")
+        values = {k: v for k, v in TRAINING_PRESETS[name].items() if k != "model"}
+        return cls.from_dict({**values, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
