@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from bench_generate import make_prompts  # the same prompts as the step-by-step benchmark (run from benchmarks/)
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from hf_extrapolate import DirectionalModelForCausalLM, ExtrapolationConfig
@@ -55,18 +56,6 @@ def build_model(shape: dict, seed: int) -> Qwen2ForCausalLM:
     model = Qwen2ForCausalLM(cfg).eval()
     model.generation_config.pad_token_id = PAD
     return model
-
-
-def make_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random left-padded prompts: row i has `length - 4 * (i % 3)` real tokens."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.full((batch, length), PAD, dtype=torch.long)
-    mask = torch.zeros((batch, length), dtype=torch.long)
-    for i in range(batch):
-        n = max(1, length - 4 * (i % 3))
-        ids[i, length - n:] = torch.randint(3, vocab, (n,), generator=g)
-        mask[i, length - n:] = 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def timed(run: Callable[[], Any]) -> tuple[float, float]:
@@ -93,7 +82,7 @@ def random_rows(rl, base, batch: int, tokens: int, rate: float, ks: tuple[int, .
                 with_plain: bool) -> dict[str, Any]:
     cfg = ExtrapolationConfig(criterion="random", threshold=rate, proposal="rl", gamma=0.1)
     model = DirectionalModelForCausalLM(rl, base, cfg)
-    inputs = make_prompts(batch, prompt_len, rl.config.vocab_size)
+    inputs = make_prompts(batch, prompt_len, rl.config.vocab_size, "cpu")
     fixed = dict(max_new_tokens=tokens, eos_token_id=None, pad_token_id=PAD, **NEUTRAL)
     runs: dict[str, Callable[[], Any]] = {}
     if with_plain:
