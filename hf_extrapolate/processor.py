@@ -23,6 +23,7 @@ from transformers import LogitsProcessor
 from .config import ExtrapolationConfig
 from .directional import directional_step_with_replacement
 from .distributions import NEG_INF
+from .fast_step import Workspace, fast_step
 from .generate_context import describe, inspect_generate_call, is_reshaper, is_warper
 from .reference import ReferenceModel, ReferencePolicy
 from .statistics import ReplacementStats
@@ -150,6 +151,7 @@ class DirectionalLogitsProcessor(LogitsProcessor):
         self.generator = generator
         self.stats = ReplacementStats()
         self.finite = FiniteCheck()
+        self._workspace = Workspace()  # the step's intermediates, reused from step to step
         self._pending: tuple | None = None  # (position, log q, log r, M) of the last sampled step
         self._seen: tuple[int, int] | None = None  # (rows, length) of the last call
 
@@ -187,15 +189,24 @@ class DirectionalLogitsProcessor(LogitsProcessor):
         shared = shared_vocab_size(rl_size, base_size, self.vocab_size)
         rl_scores = scores[:, :shared] if shared < rl_size else scores
         base_scores = base_logits[:, :shared] if shared < base_size else base_logits
-        out, mass, log_r = directional_step_with_replacement(
-            rl_scores, base_scores, self.config, greedy=self.greedy, generator=self.generator
+        step = fast_step(
+            rl_scores, base_scores, self.config, greedy=self.greedy, generator=self.generator, workspace=self._workspace
         )
-        self.finite.record(position, rl_scores, base_scores, out)
+        if step is None:  # configurations the fast path does not cover: the definition itself
+            out, mass, log_r = directional_step_with_replacement(
+                rl_scores, base_scores, self.config, greedy=self.greedy, generator=self.generator
+            )
+            self.finite.record(position, rl_scores, base_scores, out)
+            redraw = (log_r, True)
+        else:
+            out, mass = step.scores, step.mass
+            self.finite.record_summary(position, step.finite, rl_scores, base_scores, out)
+            redraw = (step.redraw, step.redraw_is_log)
         self.stats.record(position, mass)
         if self.greedy:
             self.stats.record_posterior(position, mass)
         else:
-            self._pending = (position, out, log_r, mass)
+            self._pending = (position, out, redraw, mass)
         if shared < rl_size:
             out = torch.cat([out, out.new_full((out.shape[0], rl_size - shared), NEG_INF)], dim=-1)
         return out
@@ -250,12 +261,13 @@ class DirectionalLogitsProcessor(LogitsProcessor):
         """Posterior that the token drawn at the last step was a redraw: `M r(y) / q(y)` for the chosen y."""
         if self._pending is None:
             return
-        position, log_q, log_r, mass = self._pending
+        position, log_q, (redraw, is_log), mass = self._pending
         self._pending = None
         if tokens.shape[1] > position:
             chosen = tokens[:, position : position + 1].to(log_q.device).clamp(max=log_q.shape[-1] - 1)
-            log_post = mass.log() + (log_r.gather(-1, chosen) - log_q.gather(-1, chosen)).squeeze(-1)
-            self.stats.record_posterior(position, log_post.exp().nan_to_num(0.0).clamp(0.0, 1.0))
+            log_r = redraw.gather(-1, chosen) if is_log else redraw.gather(-1, chosen).log()
+            post = (log_r - log_q.gather(-1, chosen)).squeeze(-1).exp_().mul_(mass)
+            self.stats.record_posterior(position, post.nan_to_num_(0.0).clamp_(0.0, 1.0))
 
     def _require_generation(self, what: str) -> None:
         if self.stats.mass is None or self.reference.ids is None:
@@ -316,6 +328,19 @@ class FiniteCheck:
         self._flags.append((position, torch.stack([rl.amax(-1), base.amax(-1), out.amax(-1)])))  # (3, rows)
         if len(self._flags) >= self.check_every:
             self.check()
+
+    def record_summary(
+        self, position: int, summary: torch.Tensor | bool, rl: torch.Tensor, base: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """`record`, given `fast_step.FastStep.finite` (True: known finite; or a (rows,) tensor finite iff the step
+        is): on CPU one finiteness test of it, the full diagnosis only if it fails; on accelerators `record`."""
+        if summary is True:
+            return
+        if rl.device.type == "cpu":
+            if not bool(torch.isfinite(summary).all()):
+                self.record(position, rl, base, out)
+            return
+        self.record(position, rl, base, out)
 
     def check(self) -> None:
         flags, self._flags = self._flags, []

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 # positions whose base logits are kept once rollbacks were seen (assisted decoding re-verifies up to this many drafts)
 MEMO_WINDOW = 32
+# the attention mask buffer grows by at least this many columns at a time
+MASK_GROWTH = 256
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -160,7 +162,8 @@ class ReferenceModel(ReferencePolicy):
         self._call_mask: torch.Tensor | None = None  # the exact (R, T) mask generate uses, for the next call only
         self._generation_mask: torch.Tensor | None = None  # (R, prompt_length) mask of the current generation
         self.ids: torch.Tensor | None = None  # (R, L) tokens the cache has consumed
-        self.mask: torch.Tensor | None = None  # (R, L) their attention mask
+        self.mask: torch.Tensor | None = None  # (R, L) their attention mask (a view of `_mask_buffer`)
+        self._mask_buffer: torch.Tensor | None = None
         self.prompt_length: int | None = None
         self.last_reorder: torch.Tensor | None = None  # beam_idx applied at the last call, for the caller's state
         self.started_generation = False  # whether the last call began a new generation
@@ -182,7 +185,7 @@ class ReferenceModel(ReferencePolicy):
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"`input_ids` must be a non-empty (batch, length) tensor, got {tuple(input_ids.shape)}.")
         out_device = input_ids.device
-        ids = input_ids.to(self.device)
+        ids = input_ids if out_device == self.device else input_ids.to(self.device)
         rows, length = ids.shape
         self.last_reorder = None
         self.started_generation = False
@@ -196,7 +199,7 @@ class ReferenceModel(ReferencePolicy):
             if self.num_beams > 1:
                 self._reorder_beams(ids)
             else:
-                self._accumulate_check(ids[:, :consumed] == self.ids)
+                self._check_prefix(ids, consumed)
             logits = self._forward(ids, consumed)
             self.stats["fast"] += 1
             new_generation = False
@@ -206,7 +209,9 @@ class ReferenceModel(ReferencePolicy):
         if new_generation:
             self.prompt_length = length
             self.started_generation = True
-        return logits.to(out_device, torch.float32)
+        if logits.device != out_device or logits.dtype != torch.float32:
+            logits = logits.to(out_device, torch.float32)
+        return logits
 
     def set_call_mask(self, attention_mask: torch.Tensor | None) -> None:
         """The exact (rows, length) attention mask that generate uses for the tokens of the next call (read by
@@ -297,10 +302,11 @@ class ReferenceModel(ReferencePolicy):
         """Feed `ids[:, start:]` on top of a cache holding `ids[:, :start]`; return the last position's logits."""
         rows, length = ids.shape
         new = length - start
-        if full_mask is None:
-            full_mask = torch.cat([self.mask, self.mask.new_ones(rows, new)], dim=1)
+        if full_mask is None:  # a continuation: generated columns are attended (ones already in the buffer)
+            full_mask = self._attended(length)
             running = new == 1 and self._next_position is not None
         else:
+            self._set_mask_buffer(full_mask)
             running = False
         if running:  # one new, attended token: its position is the running count (no cumsum over the prefix)
             positions = self._next_position
@@ -331,6 +337,20 @@ class ReferenceModel(ReferencePolicy):
             for k in [k for k in self._memo if k <= length - MEMO_WINDOW]:
                 del self._memo[k]
         return logits[:, -1]
+
+    def _set_mask_buffer(self, mask: torch.Tensor) -> None:
+        """Keep `mask` (rows, length) at the start of a buffer whose further columns are ones (generated tokens), so
+        that the fast path's mask is a view, not a concatenation."""
+        rows, length = mask.shape
+        self._mask_buffer = torch.cat([mask, mask.new_ones(rows, max(MASK_GROWTH, length))], dim=1)
+
+    def _attended(self, length: int) -> torch.Tensor:
+        """The mask of the consumed tokens extended by attended columns up to `length`: a view of the buffer."""
+        buffer = self._mask_buffer
+        if length > buffer.shape[1]:
+            rows, width = buffer.shape
+            self._mask_buffer = buffer = torch.cat([buffer, buffer.new_ones(rows, max(width, length - width))], dim=1)
+        return buffer[:, :length]
 
     def _common_prefix(self, ids: torch.Tensor) -> int:
         """Length of the longest prefix shared by every row of `ids` and the consumed tokens (synchronises)."""
@@ -402,12 +422,23 @@ class ReferenceModel(ReferencePolicy):
         src = match.int().argmax(-1) + torch.arange(groups, device=ids.device).unsqueeze(-1) * beams
         beam_idx = src.view(-1)
         self.cache.reorder_cache(beam_idx)
-        self.mask = self.mask.index_select(0, beam_idx)
+        self._mask_buffer = self._mask_buffer.index_select(0, beam_idx)
+        self.mask = self._mask_buffer[:, :consumed]
         self.ids = self.ids.index_select(0, beam_idx)
         if self._next_position is not None:
             self._next_position = self._next_position.index_select(0, beam_idx)
         self.last_reorder = beam_idx
         self.stats["reorder"] += 1
+
+    def _check_prefix(self, ids: torch.Tensor, consumed: int) -> None:
+        """The fast path's check that every row continues the consumed tokens: on CPU one comparison read at once,
+        on accelerators accumulated on the device (`_accumulate_check`)."""
+        if self.device.type == "cpu":
+            if not torch.equal(ids[:, :consumed], self.ids):
+                self._ok = torch.zeros((), dtype=torch.bool)
+                self.check()
+            return
+        self._accumulate_check(ids[:, :consumed] == self.ids)
 
     def _accumulate_check(self, same: torch.Tensor) -> None:
         ok = same.all()
