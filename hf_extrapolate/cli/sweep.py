@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             "run `hf-extrapolate sweep ... --target-ratios R ... --calibrate-only --output cal.jsonl` with --engine "
             "transformers, then `--thresholds-from cal.summary.json --engine vllm`."
         )
+    read = _read_thresholds(args.thresholds_from, args.criteria) if args.thresholds_from is not None else None
     problems = load_problems_arg(args)
     state = process_state(args)
     if args.engine == "vllm":
@@ -158,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
 
     extra: dict[str, Any] = {}
     if args.target_ratios is not None or args.thresholds_from is not None:
-        if args.thresholds_from is not None:
-            thresholds = _read_thresholds(args.thresholds_from, args.criteria)
+        if read is not None:
+            thresholds = read
         else:
             thresholds = calibrate(args, rl_model, base_model, tokenizer, problems) if state.is_main_process else None
             if state.num_processes > 1:
