@@ -110,6 +110,28 @@ def main() -> None:
     times: dict[tuple[str, int], float] = {}
     loads: dict[str, list[float]] = {}
 
+    def dump(final: bool = False) -> None:
+        """Rows from what is measured so far (written after every mode: a run cut short keeps its numbers)."""
+        results["rows"] = []
+        results["load_average_1min"] = loads
+        for n in args.tokens:
+            tokens = args.batch * n
+            row = {"tokens": n, "batch": args.batch}
+            for mode in MODES:
+                if (mode, n) in times:
+                    row[f"{mode}_tok_s"] = tokens / times[mode, n]
+            if "directional_tok_s" in row:
+                for other in ("plain", "reference_v0", "reference_v1"):
+                    if f"{other}_tok_s" in row:
+                        row[f"directional_over_{other}"] = row["directional_tok_s"] / row[f"{other}_tok_s"]
+            results["rows"].append(row)
+            if final:
+                print(json.dumps({k: (round(v, 3) if isinstance(v, float) and math.isfinite(v) else v)
+                                  for k, v in row.items()}))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+
     def measure(mode: str, run, warm_up) -> None:
         warm_up()
         before = os.getloadavg()[0]
@@ -119,6 +141,7 @@ def main() -> None:
             times[mode, n] = timed(lambda n=n: run(n))
             print(mode, n, round(times[mode, n], 2), "s", flush=True)
         loads[mode] = [round(before, 2), round(os.getloadavg()[0], 2)]
+        dump()
 
     if "plain" in args.modes:
         llm = LLM(model=rl, **engine)
@@ -140,6 +163,8 @@ def main() -> None:
         caching = mode == "reference_v1"
         rl_llm = LLM(model=rl, max_logprobs=50, enable_prefix_caching=caching, **engine)
         base_llm = LLM(model=base, max_logprobs=50, enable_prefix_caching=caching, **engine)
+        results.setdefault("prefix_caching", {})[mode] = [
+            e.llm_engine.vllm_config.cache_config.enable_prefix_caching for e in (rl_llm, base_llm)]
 
         def reference(n: int, rl_llm=rl_llm, base_llm=base_llm) -> None:
             rows = [list(p["prompt_token_ids"]) for p in prompts]
@@ -154,24 +179,7 @@ def main() -> None:
         measure(mode, reference, lambda reference=reference: reference(2))
         del rl_llm, base_llm
 
-    results["load_average_1min"] = loads
-    for n in args.tokens:
-        tokens = args.batch * n
-        row = {"tokens": n, "batch": args.batch}
-        for mode in MODES:
-            if (mode, n) in times:
-                row[f"{mode}_tok_s"] = tokens / times[mode, n]
-        if "directional_tok_s" in row:
-            for other in ("plain", "reference_v0", "reference_v1"):
-                if f"{other}_tok_s" in row:
-                    key = f"directional_over_{other}" if other == "plain" else f"{other}_speedup"
-                    row[key] = row["directional_tok_s"] / row[f"{other}_tok_s"]
-        results["rows"].append(row)
-        print(json.dumps({k: (round(v, 3) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-
+    dump(final=True)
 
 if __name__ == "__main__":
     main()
