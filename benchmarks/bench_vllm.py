@@ -1,17 +1,21 @@
 """Throughput of directional decoding inside vLLM (`hf_extrapolate.vllm.DirectionalLLM`).
 
 Same prompts, same random-initialised Llama pair (saved to a temporary folder), every row generates exactly N tokens
-(`ignore_eos`), sampling at T = 1.0, top-p 0.7. Modes, each timed once per N after a warm-up call:
+(`ignore_eos`), sampling at T = 1.0, top-p 0.7. Modes (`--modes`), each timed once per N after a warm-up call:
 
 - `plain`: vLLM's `LLM` on the RL model alone (the floor a two-model method is compared with);
 - `directional`: `DirectionalLLM` (both models in vLLM's paged KV cache, one forward of each per step);
-- `reference`: the cost shape of the paper's reference code, written here: two engines (RL and base), one request
+- `reference_v0`: the cost shape of the paper's reference code, written here: two engines (RL and base), one request
   per row *per token* with the whole prefix (`max_tokens=1`, top-50 log-probs), the step combined in numpy on the
-  top-50 lists (missing entries padded with the list's minimum) and the token appended on the client. vLLM's prefix
-  caching (on by default) spares it most of the re-sent prefix; it is still one engine round trip per token.
+  top-50 lists (missing entries padded with the list's minimum) and the token appended on the client. Prefix caching
+  off: the reference ran on vLLM's V0 offline engine, whose `enable_prefix_caching` defaulted to False, so every
+  call recomputes the whole prefix (quadratic in length). This is the shape the issue's target is read against;
+- `reference_v1`: the same with prefix caching on (vLLM V1's default today): the re-sent prefix is found in the
+  cache, so each call costs one engine round trip and a one-token prefill per engine.
 
 Run: `python benchmarks/bench_vllm.py --tokens 256 1024 --json out.json` in the [vllm] environment
-(`VLLM_CPU_KVCACHE_SPACE=1` on CPU). Engines run eagerly (`enforce_eager`) on CPU.
+(`VLLM_CPU_KVCACHE_SPACE=1` on CPU). Engines run eagerly (`enforce_eager`) on CPU. The load average
+(`os.getloadavg`) is recorded before and after each mode.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import tempfile
 import time
 
 import numpy as np
+
+MODES = ("plain", "directional", "reference_v0", "reference_v1")
 
 
 def save_pair(root: str, hidden: int, layers: int, vocab: int) -> tuple[str, str]:
@@ -78,6 +84,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--reference-max-tokens", type=int, default=1024)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -101,51 +108,78 @@ def main() -> None:
         return SamplingParams(temperature=1.0, top_p=0.7, max_tokens=n, ignore_eos=True, detokenize=False, **kw)
 
     times: dict[tuple[str, int], float] = {}
-    llm = LLM(model=rl, **engine)
-    llm.generate(prompts, params(8), use_tqdm=False)
-    for n in args.tokens:
-        times["plain", n] = timed(lambda n=n: llm.generate(prompts, params(n), use_tqdm=False))
-        print("plain", n, times["plain", n], flush=True)
+    loads: dict[str, list[float]] = {}
 
-    directional = DirectionalLLM(rl, base_model=base, extrapolation_config=config, check_tokenizers=False, **engine)
-    directional.generate(prompts, params(8), use_tqdm=False)
-    for n in args.tokens:
-        times["directional", n] = timed(lambda n=n: directional.generate(prompts, params(n), use_tqdm=False))
-        print("directional", n, times["directional", n], flush=True)
+    def dump(final: bool = False) -> None:
+        """Rows from what is measured so far (written after every mode: a run cut short keeps its numbers)."""
+        results["rows"] = []
+        results["load_average_1min"] = loads
+        for n in args.tokens:
+            tokens = args.batch * n
+            row = {"tokens": n, "batch": args.batch}
+            for mode in MODES:
+                if (mode, n) in times:
+                    row[f"{mode}_tok_s"] = tokens / times[mode, n]
+            if "directional_tok_s" in row:
+                for other in ("plain", "reference_v0", "reference_v1"):
+                    if f"{other}_tok_s" in row:
+                        row[f"directional_over_{other}"] = row["directional_tok_s"] / row[f"{other}_tok_s"]
+            results["rows"].append(row)
+            if final:
+                print(json.dumps({k: (round(v, 3) if isinstance(v, float) and math.isfinite(v) else v)
+                                  for k, v in row.items()}))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
 
-    rl_llm, base_llm = LLM(model=rl, max_logprobs=50, **engine), LLM(model=base, max_logprobs=50, **engine)
+    def measure(mode: str, run, warm_up) -> None:
+        warm_up()
+        before = os.getloadavg()[0]
+        for n in args.tokens:
+            if mode.startswith("reference") and n > args.reference_max_tokens:
+                continue
+            times[mode, n] = timed(lambda n=n: run(n))
+            print(mode, n, round(times[mode, n], 2), "s", flush=True)
+        loads[mode] = [round(before, 2), round(os.getloadavg()[0], 2)]
+        dump()
+
+    if "plain" in args.modes:
+        llm = LLM(model=rl, **engine)
+        measure("plain", lambda n: llm.generate(prompts, params(n), use_tqdm=False),
+                lambda: llm.generate(prompts, params(8), use_tqdm=False))
+        del llm
+
+    if "directional" in args.modes:
+        directional = DirectionalLLM(rl, base_model=base, extrapolation_config=config, check_tokenizers=False,
+                                     **engine)
+        measure("directional", lambda n: directional.generate(prompts, params(n), use_tqdm=False),
+                lambda: directional.generate(prompts, params(8), use_tqdm=False))
+        del directional
+
     step = SamplingParams(temperature=1.0, max_tokens=1, logprobs=50, detokenize=False)
+    for mode in ("reference_v0", "reference_v1"):
+        if mode not in args.modes:
+            continue
+        caching = mode == "reference_v1"
+        rl_llm = LLM(model=rl, max_logprobs=50, enable_prefix_caching=caching, **engine)
+        base_llm = LLM(model=base, max_logprobs=50, enable_prefix_caching=caching, **engine)
+        results.setdefault("prefix_caching", {})[mode] = [
+            e.llm_engine.vllm_config.cache_config.enable_prefix_caching for e in (rl_llm, base_llm)]
 
-    def reference(n: int) -> None:
-        rows = [list(p["prompt_token_ids"]) for p in prompts]
-        for _ in range(n):
-            batch = [{"prompt_token_ids": r} for r in rows]
-            rl_out = rl_llm.generate(batch, step, use_tqdm=False)
-            base_out = base_llm.generate(batch, step, use_tqdm=False)
-            for row, a, b in zip(rows, rl_out, base_out):
-                row.append(reference_step(a.outputs[0].logprobs[0], b.outputs[0].logprobs[0], rng, -0.3, 0.1, 0.7))
+        def reference(n: int, rl_llm=rl_llm, base_llm=base_llm) -> None:
+            rows = [list(p["prompt_token_ids"]) for p in prompts]
+            for _ in range(n):
+                batch = [{"prompt_token_ids": r} for r in rows]
+                rl_out = rl_llm.generate(batch, step, use_tqdm=False)
+                base_out = base_llm.generate(batch, step, use_tqdm=False)
+                for row, a, b in zip(rows, rl_out, base_out):
+                    row.append(reference_step(a.outputs[0].logprobs[0], b.outputs[0].logprobs[0], rng, -0.3, 0.1,
+                                              0.7))
 
-    reference(2)
-    for n in args.tokens:
-        if n <= args.reference_max_tokens:
-            times["reference", n] = timed(lambda n=n: reference(n))
-            print("reference", n, times["reference", n], flush=True)
+        measure(mode, reference, lambda reference=reference: reference(2))
+        del rl_llm, base_llm
 
-    for n in args.tokens:
-        tokens = args.batch * n
-        row = {"tokens": n, "batch": args.batch}
-        for mode in ("plain", "directional", "reference"):
-            if (mode, n) in times:
-                row[f"{mode}_tok_s"] = tokens / times[mode, n]
-        row["directional_over_plain"] = row["directional_tok_s"] / row["plain_tok_s"]
-        if "reference_tok_s" in row:
-            row["directional_over_reference"] = row["directional_tok_s"] / row["reference_tok_s"]
-        results["rows"].append(row)
-        print(json.dumps({k: (round(v, 3) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-
+    dump(final=True)
 
 if __name__ == "__main__":
     main()

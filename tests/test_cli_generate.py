@@ -192,3 +192,22 @@ def test_tokenizer_check_in_eval_and_its_switch(tmp_path, capsys):
     assert "different tokenizers" in capsys.readouterr().err
     assert main(["generate", *common, "--prompt", "w5", "--no-tokenizer-check"]) == 0
     assert main([*evaluation, "--no-tokenizer-check"]) == 0
+
+
+def test_generate_engine_vllm_refusals_are_one_line(pair, capsys, monkeypatch):
+    import importlib.util
+
+    base = ["generate", "--model", str(pair / "rl"), "--base", str(pair / "base"), "--prompt", "w5", "--engine", "vllm"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    for extra, message in ((["--device", "cpu"], "--engine vllm places the models itself"),
+                           (["--adapter", str(pair / "adapter")], "merge_and_unload")):
+        argv = list(base)
+        if "--adapter" in extra:
+            argv[argv.index("--model") : argv.index("--model") + 2] = []
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert main(base) == 2
+    assert "vLLM is not installed" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """`hf-extrapolate eval`: math evaluation of base, RL, selective replacement and extrapolation on the same prompts.
 
 Also holds the options and loaders that `analyze` and `sweep` share. Data parallel: `accelerate launch -m
-hf_extrapolate.cli eval ...` deals batches to the processes and merges their records into `--output`.
+hf_extrapolate.cli eval ...` deals batches to the processes and merges their records into `--output`. `--engine vllm`
+runs every mode on one vLLM engine instead (`hf_extrapolate.cli.engines`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from ..config import CRITERIA, PROPOSALS
 from . import CLIError, choose_threads
+from .engines import add_engine_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -295,8 +297,10 @@ def summary_path(output: str) -> Path:
     return path.with_name(stem + ".summary.json")
 
 
-def run_and_report(args: argparse.Namespace, rl_model, base_model, tokenizer, problems, modes, state, extra=None) -> int:
-    """Evaluate `modes`, then (main process) write the summary JSON, the plots and print the table."""
+def run_and_report(args: argparse.Namespace, rl_model, base_model, tokenizer, problems, modes, state, extra=None,
+                   engine=None) -> int:
+    """Evaluate `modes` (with the two models, or `engine`), then (main process) write the summary JSON, the plots and
+    print the table."""
     from ..evaluation import evaluate, format_summary, summarize
 
     update, close = progress_bar(args.command, not args.no_progress and state.is_main_process)
@@ -305,6 +309,7 @@ def run_and_report(args: argparse.Namespace, rl_model, base_model, tokenizer, pr
             rl_model, base_model, tokenizer, problems, modes, settings_from(args), output=args.output,
             resume=not args.overwrite, state=state, progress=update,
             scorer=getattr(args, "scorer", None) or "lenient", eos_token_id=getattr(args, "eos_token_id", None),
+            engine=engine,
         )
     finally:
         close()
@@ -346,6 +351,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(parser)
     add_sampling_arguments(parser)
     add_protocol_arguments(parser)
+    add_engine_arguments(parser)
     add_output_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -408,5 +414,10 @@ def run(args: argparse.Namespace) -> int:
     problems = load_problems_arg(args)
     modes = build_modes(args)
     state = process_state(args)
+    if args.engine == "vllm":
+        from .engines import load_vllm_engine
+
+        engine, tokenizer = load_vllm_engine(args, state)
+        return run_and_report(args, None, None, tokenizer, problems, modes, state, engine=engine)
     rl_model, base_model, tokenizer = load_pair(args, state)
     return run_and_report(args, rl_model, base_model, tokenizer, problems, modes, state)

@@ -5,17 +5,25 @@ Thresholds are given (`--thresholds`) or calibrated per criterion to target repl
 responses sampled from the proposal model for the first `--calibration-problems` problems. Every (criterion,
 threshold, gamma) becomes a mode — replacement for gamma 0, extrapolation otherwise — evaluated with the base and RL
 endpoints on the same prompts and seeds, into one resumable result file.
+
+`--engine vllm`: one vLLM engine evaluates every sweep point (each a per-request config, all points of a batch of
+problems in one call). Calibration reads per-token statistics of every criterion from the transformers engine, so it
+runs there: `--target-ratios ... --calibrate-only` writes the calibrated thresholds into the summary, and
+`--thresholds-from THAT.summary.json --engine vllm` sweeps them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import sys
 from typing import Any
 
 from ..config import CRITERIA, ExtrapolationConfig
 from . import CLIError
+from .engines import add_engine_arguments
 from .eval import (
     add_config_arguments,
     add_data_arguments,
@@ -28,6 +36,7 @@ from .eval import (
     process_state,
     progress_bar,
     run_and_report,
+    summary_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,6 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="calibrate each criterion's threshold to these replacement ratios, e.g. 0.05 0.1 0.2")
     which.add_argument("--thresholds", nargs="+", type=float, metavar="TAU",
                        help="use these thresholds for every criterion")
+    which.add_argument("--thresholds-from", metavar="SUMMARY.json",
+                       help="use the thresholds an earlier sweep calibrated (its summary's calibrated_thresholds, e.g. "
+                       "from --target-ratios ... --calibrate-only); the way to sweep calibrated thresholds with "
+                       "--engine vllm")
+    group.add_argument("--calibrate-only", action="store_true",
+                       help="with --target-ratios: write the calibrated thresholds to the summary and stop")
     group.add_argument("--gammas", nargs="+", type=float, default=[0.0],
                        help="extrapolation strengths; 0 = replacement (default: 0)")
     group.add_argument("--calibration-problems", type=int, default=16,
@@ -59,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--no-endpoints", action="store_true", help="do not evaluate the base and RL models")
     add_config_arguments(parser, criterion=False, gamma=False)
     add_sampling_arguments(parser)
+    add_engine_arguments(parser)
     add_output_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -121,18 +137,45 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--proposal rl with gamma 0 just samples the RL model; use --gammas > 0 with --proposal rl.")
     if any(g < 0 for g in args.gammas):
         raise CLIError(f"--gammas must be >= 0, got {args.gammas}.")
+    if args.calibrate_only and args.target_ratios is None:
+        raise CLIError("--calibrate-only needs --target-ratios (the ratios to calibrate thresholds for).")
+    if args.engine == "vllm" and args.target_ratios is not None:
+        raise CLIError(
+            "--target-ratios calibrates on the transformers engine (it reads every criterion's per-token statistics); "
+            "run `hf-extrapolate sweep ... --target-ratios R ... --calibrate-only --output cal.jsonl` with --engine "
+            "transformers, then `--thresholds-from cal.summary.json --engine vllm`."
+        )
+    read = _read_thresholds(args.thresholds_from, args.criteria) if args.thresholds_from is not None else None
     problems = load_problems_arg(args)
     state = process_state(args)
-    rl_model, base_model, tokenizer = load_pair(args, state)
+    if args.engine == "vllm":
+        from .engines import load_vllm_engine
+
+        engine, tokenizer = load_vllm_engine(args, state)
+        rl_model = base_model = None
+    else:
+        engine = None
+        rl_model, base_model, tokenizer = load_pair(args, state)
 
     extra: dict[str, Any] = {}
-    if args.target_ratios is not None:
-        thresholds = calibrate(args, rl_model, base_model, tokenizer, problems) if state.is_main_process else None
-        if state.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
+    if args.target_ratios is not None or args.thresholds_from is not None:
+        if read is not None:
+            thresholds = read
+        else:
+            thresholds = calibrate(args, rl_model, base_model, tokenizer, problems) if state.is_main_process else None
+            if state.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
 
-            thresholds = broadcast_object_list([thresholds], from_process=0)[0]
+                thresholds = broadcast_object_list([thresholds], from_process=0)[0]
         extra["calibrated_thresholds"] = thresholds
+        if args.calibrate_only:
+            if state.is_main_process:
+                path = summary_path(args.output)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"output": str(args.output), "summary": [], **extra}, indent=2,
+                                           sort_keys=True) + "\n", encoding="utf-8")
+                sys.stdout.write(f"calibrated thresholds: {path}\n")
+            return 0
         # rows are named by their target ratio (the calibrated tau is in each record's `threshold`)
         plan = {c: [(f"ratio={r}", tau) for r, tau in thresholds[c].items()] for c in args.criteria}
     else:
@@ -152,4 +195,21 @@ def run(args: argparse.Namespace) -> int:
     names = [m.name for m in modes]
     if len(set(names)) != len(names):
         raise CLIError(f"Two sweep points share a name ({names}); pass distinct thresholds / gammas.")
-    return run_and_report(args, rl_model, base_model, tokenizer, problems, modes, state, extra)
+    return run_and_report(args, rl_model, base_model, tokenizer, problems, modes, state, extra, engine=engine)
+
+
+def _read_thresholds(path: str, criteria: list[str]) -> dict[str, dict[str, float]]:
+    """`{criterion: {ratio: threshold}}` from a sweep summary's `calibrated_thresholds`, for `criteria`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            found = json.load(f).get("calibrated_thresholds")
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise CLIError(f"--thresholds-from {path}: not a readable sweep summary ({err})") from None
+    if not isinstance(found, dict):
+        raise CLIError(f"--thresholds-from {path}: no calibrated_thresholds (write them with --target-ratios ... "
+                       "--calibrate-only)")
+    missing = [c for c in criteria if c not in found]
+    if missing:
+        raise CLIError(f"--thresholds-from {path}: no thresholds for {missing} (it has {sorted(found)}); calibrate "
+                       "those criteria too, or sweep --criteria among them")
+    return {c: {str(r): float(t) for r, t in found[c].items()} for c in criteria}

@@ -5,7 +5,9 @@ Every mode is sampled with the same explicit settings. The models' own `generati
 differ only in the distribution they sample from. For directional modes the user's temperature / top-k / top-p go into
 the `ExtrapolationConfig` (applied per component inside the processor) and generate's own warpers stay neutral.
 
-This module does no answer checking and no file handling: see `hf_extrapolate.evaluation.runner`.
+`TransformersEngine` is the runner's default engine (transformers' `generate`, one unit at a time); the vLLM engine
+(`hf_extrapolate.vllm.evaluation.VllmEngine`) has the same interface. This module does no answer checking and no file
+handling: see `hf_extrapolate.evaluation.runner`.
 """
 
 from __future__ import annotations
@@ -136,10 +138,14 @@ def left_pad(token_lists: Sequence[Sequence[int]], pad_token_id: int) -> tuple[t
     return input_ids, attention_mask
 
 
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[str], *, chat_template: bool) -> list[list[int]]:
+    """Tokenize prompt texts (no special tokens added to chat-templated text): one list of ids per prompt."""
+    return [list(tokenizer(text, add_special_tokens=not chat_template)["input_ids"]) for text in prompts]
+
+
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, chat_template: bool, pad_token_id: int):
     """Tokenize prompt texts (no special tokens added to chat-templated text) and left-pad them."""
-    token_lists = [tokenizer(text, add_special_tokens=not chat_template)["input_ids"] for text in prompts]
-    return left_pad(token_lists, pad_token_id)
+    return left_pad(tokenize_prompts(tokenizer, prompts, chat_template=chat_template), pad_token_id)
 
 
 def _sampling_kwargs(model: Any, *, do_sample: bool, temperature: float, top_k: int, top_p: float) -> dict[str, Any]:
@@ -211,3 +217,48 @@ def generate_responses(
     else:
         ratio = torch.full((sequences.shape[0],), 0.0 if mode.kind == "base" else 1.0)
     return Responses(sequences, prompt_length, response_mask, ratio.to(sequences.device))
+
+
+@dataclass
+class UnitRequest:
+    """What the runner asks an engine for: `num_samples` responses per prompt of one batch, in one mode.
+
+    prompts: the prompts' token ids (not padded); seed: the unit's seed (`runner.batch_seed`, the same in every mode).
+    """
+
+    mode: EvalMode
+    prompts: list[list[int]]
+    seed: int
+
+
+class TransformersEngine:
+    """The runner's default engine: the two transformers models, transformers' `generate`, one unit per call (the
+    global torch RNG seeded with the unit's seed, then `generate_responses` on the left-padded batch)."""
+
+    name = "transformers"
+    serves_modes_together = False  # the runner sends one unit per `generate` call
+
+    def __init__(self, rl_model: Any, base_model: Any, vocab_size: int | None = None):
+        self.rl_model, self.base_model, self.vocab_size = rl_model, base_model, vocab_size
+
+    @property
+    def eos_sources(self) -> tuple[Any, ...]:
+        """Objects whose `eos_token_id` / `generation_config.eos_token_id` end a response (see `eos_token_ids`)."""
+        return (self.rl_model, self.base_model)
+
+    def check(self, modes: Sequence[EvalMode], settings: GenerationSettings) -> None:
+        """Raise `ValueError` naming a mode this engine cannot run (every mode runs here)."""
+
+    def generate(
+        self, requests: Sequence[UnitRequest], settings: GenerationSettings, *, eos_token_id: Sequence[int],
+        pad_token_id: int,
+    ) -> list[Responses]:
+        out = []
+        for request in requests:
+            input_ids, attention_mask = left_pad(request.prompts, pad_token_id)
+            torch.manual_seed(request.seed)
+            out.append(generate_responses(
+                self.rl_model, self.base_model, request.mode, input_ids, attention_mask, settings,
+                eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_size=self.vocab_size,
+            ))
+        return out

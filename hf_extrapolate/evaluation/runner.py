@@ -9,6 +9,11 @@ appends its records as it goes and the main process merges them at the end (`hf_
 A resumed run skips units whose records are all in the output already and regenerates the others whole (same seed,
 same batch, so the same samples), writing only the missing records. Records made with other settings are an error.
 
+Responses come from an *engine*: `TransformersEngine` (the two models' `generate`, one unit at a time: the default)
+or `hf_extrapolate.vllm.evaluation.VllmEngine` (one vLLM engine serving every mode of a batch in one call, each mode
+a per-request config). The records do not depend on the engine's batching; they name the engine (`engine`), and a
+run resumes only with the engine that began it (the two draw different random numbers from the same seeds).
+
 This module does not print or draw progress bars: pass `progress(done, total)` (the command line wires tqdm to it).
 """
 
@@ -26,7 +31,14 @@ import torch
 
 from .answers import SCORERS, is_correct
 from .data import Problem
-from .generation import GenerationSettings, Responses, encode_prompts, eos_token_ids, generate_responses
+from .generation import (
+    GenerationSettings,
+    Responses,
+    TransformersEngine,
+    UnitRequest,
+    eos_token_ids,
+    tokenize_prompts,
+)
 from .modes import EvalMode
 from .prompts import build_prompt
 from .results import (
@@ -72,7 +84,7 @@ def make_batches(problems: Sequence[Problem], batch_size: int) -> list[tuple[str
 
 
 # record fields added later, with the value a record written before them stands for
-_FIELD_DEFAULTS = {"scorer": "lenient", "eos_token_id": None}
+_FIELD_DEFAULTS = {"scorer": "lenient", "eos_token_id": None, "engine": "transformers"}
 
 
 def _check_compatible(existing: dict[RecordKey, dict[str, Any]], expected: dict[RecordKey, dict[str, Any]], output) -> None:
@@ -126,6 +138,16 @@ def _records_for(
     return records
 
 
+def _calls(todo: list, together: bool) -> list[list]:
+    """The units of each engine call: one at a time, or (`together`) every pending mode of one batch of problems."""
+    if not together:
+        return [[unit] for unit in todo]
+    calls: dict[tuple[str, int], list] = {}
+    for mode, batch in todo:
+        calls.setdefault((batch[0], batch[1]), []).append((mode, batch))
+    return list(calls.values())
+
+
 def evaluate(
     rl_model: Any,
     base_model: Any,
@@ -140,6 +162,7 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
     scorer: str = "lenient",
     eos_token_id: Sequence[int] | None = None,
+    engine: Any = None,
 ) -> list[dict[str, Any]]:
     """Sample every problem `settings.num_samples` times in every mode and check the answers.
 
@@ -159,11 +182,14 @@ def evaluate(
             `\\boxed`, the paper's reference rule).
         eos_token_id (*optional*): the ids that end a response, instead of the union of the tokenizer's and the
             models' end-of-sequence ids.
+        engine (*optional*): what generates: None is `TransformersEngine(rl_model, base_model)`; pass
+            `hf_extrapolate.vllm.evaluation.VllmEngine(...)` (with `rl_model = base_model = None`) to run on vLLM.
 
     Returns:
         The records of all modes and problems, in canonical order (mode, data set, problem, sample): dicts with
         `mode, dataset, problem_id, sample, correct, extracted, answer, length, finished, replace_ratio, text`, the
-        mode's `kind, criterion, threshold, gamma, proposal` and the sampling settings.
+        mode's `kind, criterion, threshold, gamma, proposal`, the sampling settings, `scorer`, `eos_token_id` and
+        `engine`.
 
     Example:
 
@@ -186,7 +212,13 @@ def evaluate(
             raise ValueError(f"`eos_token_id` (={eos_token_id!r}) must be a token id or a non-empty list of token "
                              "ids (non-negative integers), or None for the tokenizer's and models' own.")
         eos_token_id = ids
-    run_fields = {"scorer": scorer, "eos_token_id": eos_token_id}
+    if engine is None:
+        if rl_model is None or base_model is None:
+            raise ValueError("`rl_model` and `base_model` are required unless an `engine` generates (e.g. VllmEngine).")
+        engine = TransformersEngine(rl_model, base_model)
+    elif rl_model is not None or base_model is not None:
+        raise ValueError(f"Pass either the models or an `engine` ({engine.name}), not both: the engine holds its models.")
+    run_fields = {"scorer": scorer, "eos_token_id": eos_token_id, "engine": engine.name}
     problems, modes = list(problems), list(modes)
     if not problems:
         raise ValueError("`problems` is empty; load some with load_problems(path).")
@@ -195,6 +227,7 @@ def evaluate(
     names = [mode.name for mode in modes]
     if len(set(names)) != len(names):
         raise ValueError(f"Mode names must be unique, got {names}; give EvalMode(name=...) distinct names.")
+    engine.check(modes, settings)
     if state.num_processes > 1 and output is None:
         raise ValueError("A data-parallel run (accelerate launch) needs `output`: processes merge through the file.")
     rank, world = state.process_index, state.num_processes
@@ -237,7 +270,7 @@ def evaluate(
     logger.info("process %d/%d: %d of its %d units to generate (%d records already done)", rank, world, len(todo),
                 len(mine), len(existing))
 
-    eos = list(eos_token_id) if eos_token_id is not None else eos_token_ids(tokenizer, rl_model, base_model)
+    eos = list(eos_token_id) if eos_token_id is not None else eos_token_ids(tokenizer, *engine.eos_sources)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     prompts = {
         (p.dataset, p.problem_id): build_prompt(p.problem, tokenizer, chat_template=settings.chat_template)
@@ -250,23 +283,25 @@ def evaluate(
     fresh: list[dict[str, Any]] = []
     if progress is not None:
         progress(0, len(todo))
-    for done, (mode, (dataset, batch_index, items)) in enumerate(todo, start=1):
-        input_ids, attention_mask = encode_prompts(
-            tokenizer, [prompts[(p.dataset, p.problem_id)] for p in items], chat_template=settings.chat_template,
-            pad_token_id=pad,
-        )
-        torch.manual_seed(batch_seed(settings.seed, dataset, batch_index))
-        responses = generate_responses(
-            rl_model, base_model, mode, input_ids, attention_mask, settings, eos_token_id=eos, pad_token_id=pad
-        )
-        records = [r for r in _records_for(responses, items, mode, settings, tokenizer, eos, run_fields)
-                   if record_key(r) not in existing]
-        if own_file is not None:
-            append_records(own_file, records)
-        fresh.extend(records)
-        logger.info("%s %s batch %d: %d records", mode.name, dataset, batch_index, len(records))
-        if progress is not None:
-            progress(done, len(todo))
+    done = 0
+    for group in _calls(todo, engine.serves_modes_together):
+        requests = [
+            UnitRequest(mode, tokenize_prompts(tokenizer, [prompts[(p.dataset, p.problem_id)] for p in items],
+                                               chat_template=settings.chat_template),
+                        batch_seed(settings.seed, dataset, batch_index))
+            for mode, (dataset, batch_index, items) in group
+        ]
+        outputs = engine.generate(requests, settings, eos_token_id=eos, pad_token_id=pad)
+        for (mode, (dataset, batch_index, items)), responses in zip(group, outputs):
+            records = [r for r in _records_for(responses, items, mode, settings, tokenizer, eos, run_fields)
+                       if record_key(r) not in existing]
+            if own_file is not None:
+                append_records(own_file, records)
+            fresh.extend(records)
+            logger.info("%s %s batch %d: %d records", mode.name, dataset, batch_index, len(records))
+            done += 1
+            if progress is not None:
+                progress(done, len(todo))
 
     if output is None:
         return sorted(fresh, key=lambda r: canonical[record_key(r)])

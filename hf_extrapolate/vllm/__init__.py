@@ -2,7 +2,8 @@
 
 `DirectionalLLM` wraps vLLM's `LLM` with an architecture holding the RL and the base network (each in vLLM's paged
 KV cache) and a batch-level logits processor computing the step distribution of `hf_extrapolate.directional` per
-request. Importing this package needs vLLM.
+request. `hf_extrapolate.vllm.evaluation.VllmEngine` runs the evaluation runner (`hf-extrapolate eval / sweep
+--engine vllm`) on one such engine. `DirectionalLLM` needs vLLM (imported when an engine is built).
 """
 
 from .llm import DirectionalLLM

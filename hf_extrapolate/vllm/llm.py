@@ -19,8 +19,9 @@ made neutral (temperature 1, or 0 for greedy: the two-stage greedy choice); `n >
 seeds `seed + i` (vLLM's own rule) so that each completion has its statistics, and regrouped. Returned log-probs are
 those of the distribution each token was drawn from (`logprobs_mode="processed_logprobs"`): log q when sampling.
 
-What it does not do: speculative decoding, pipeline parallelism, LoRA requests, prompt embeddings, prompt log-probs,
-penalties, min-p and logit bias are refused with an error; the V2 model runner is switched off
+What it does not do: data parallelism inside one engine (vLLM's offline `LLM` has none either: one DirectionalLLM per
+device on a shard of the prompts), speculative decoding, pipeline parallelism, LoRA requests, prompt embeddings,
+prompt log-probs, penalties, min-p and logit bias are refused with an error; the V2 model runner is switched off
 (`VLLM_USE_V2_MODEL_RUNNER=0`: its sampler has another logits-processor interface).
 """
 
@@ -81,8 +82,9 @@ class DirectionalLLM:
             fields with `SamplingParams(extra_args={"extrapolation_config": {"gamma": 0.5}})`. Its temperature /
             top-k / top-p are ignored: each request's `SamplingParams` carries them.
         check_tokenizers (`bool`, defaults to True): refuse checkpoints that ship different tokenizers.
-        **vllm_kwargs: vLLM's `LLM` arguments (`tensor_parallel_size`, `data_parallel_size`, `dtype`,
-            `max_model_len`, `enable_prefix_caching`, `gpu_memory_utilization`, ...).
+        **vllm_kwargs: vLLM's `LLM` arguments (`tensor_parallel_size`, `dtype`, `max_model_len`,
+            `enable_prefix_caching`, `gpu_memory_utilization`, ...); `data_parallel_size` must stay 1 (one
+            DirectionalLLM per device and a shard of the prompts each instead).
     """
 
     def __init__(
@@ -115,6 +117,13 @@ class DirectionalLLM:
                 raise ValueError(f"`{name}` is not supported by DirectionalLLM: {why}.")
         if vllm_kwargs.get("pipeline_parallel_size", 1) != 1:
             raise ValueError("`pipeline_parallel_size` must be 1 for DirectionalLLM; use `tensor_parallel_size`.")
+        if vllm_kwargs.get("data_parallel_size", 1) != 1:
+            raise ValueError(
+                f"`data_parallel_size` (={vllm_kwargs['data_parallel_size']}) must be 1: vLLM's offline `LLM` does not "
+                "run data parallel in one process (vLLM 0.32 refuses it too). Run one DirectionalLLM per process and "
+                "device (e.g. CUDA_VISIBLE_DEVICES=i), each on its shard of the prompts (prompts[i::N]); with the "
+                "command line, one `hf-extrapolate eval --engine vllm` per shard of --data, each with its own --output."
+            )
         if vllm_kwargs.setdefault("logprobs_mode", "processed_logprobs") != "processed_logprobs":
             raise ValueError(
                 f"`logprobs_mode` (={vllm_kwargs['logprobs_mode']!r}) must be 'processed_logprobs': the log-probs of "

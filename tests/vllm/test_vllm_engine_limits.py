@@ -76,6 +76,7 @@ def test_missing_base_and_lora_adapter_are_refused(pair, tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2}), "speculative"),
     (dict(pipeline_parallel_size=2), "pipeline_parallel_size"),
+    (dict(data_parallel_size=2), "one DirectionalLLM per process"),
     (dict(logprobs_mode="raw_logprobs"), "processed_logprobs"),
     (dict(enable_lora=True), "merge"),
 ])
