@@ -1,0 +1,92 @@
+"""Choosing the lookahead length k per round (`lookahead="auto"`) from the observed fire rate and measured costs.
+
+A round drafts k tokens (k proposal forwards of one token, cost `k d`) and checks them in one forward of the other
+model over k positions (cost `c(k)`). With a per-position fire probability f, a row emits, per round,
+
+    A(k) = sum_{j=0}^{k-1} (1 - f)^j = (1 - (1 - f)^k) / f      (the drafts up to and including the first fire)
+
+tokens, so the choice is `argmax_k A(k) / (k d + c(k))` over 1..k_max.
+
+- f is estimated from the rounds so far: fires / checked positions up to each row's first fire (the geometric
+  likelihood), with a prior of `prior_fires / prior_positions` (5% over 20 positions).
+- d is the mean time of one draft step; c(n) the mean time of a check over n positions for every n seen so far,
+  interpolated linearly in n between them, with a one-token check costing one draft step when nothing else is known
+  (and extrapolated past the largest n seen with the last slope).
+
+Exactness does not depend on k: the k of a round is chosen before any of that round's randomness is drawn, from
+past rounds only, and every round emits tokens with the step-by-step distribution given the prefix whatever k is.
+The choice depends on measured time, so with sampling the same seed can give different (equally distributed)
+samples from run to run; greedy tokens do not depend on k. This module does not time anything itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def expected_accepted(rate: float, k: int) -> float:
+    """A(k) = (1 - (1 - f)^k) / f: the expected tokens a row emits in a round of k drafts at fire rate f."""
+    if rate <= 0.0:
+        return float(k)
+    if rate >= 1.0:
+        return 1.0
+    return (1.0 - (1.0 - rate) ** k) / rate
+
+
+class AdaptiveLookahead:
+    """The per-round choice of k: `choose()` before a round, `observe(...)` after it."""
+
+    def __init__(self, k_max: int = 16, k_start: int = 8, prior_fires: float = 1.0, prior_positions: float = 20.0):
+        if k_max < 1 or not 1 <= k_start <= k_max:
+            raise ValueError(f"need 1 <= k_start (={k_start}) <= k_max (={k_max}).")
+        self.k_max, self.k_start = k_max, k_start
+        self.fires, self.positions = prior_fires, prior_positions
+        self.draft_time, self.draft_steps = 0.0, 0
+        self.check_time: dict[int, float] = {}  # n -> summed seconds
+        self.check_count: dict[int, int] = {}
+
+    @property
+    def rate(self) -> float:
+        return self.fires / self.positions
+
+    def observe(
+        self, checked: int, fired: int, n: int, draft_seconds: float | None = None, check_seconds: float | None = None
+    ) -> None:
+        """One round: `checked` positions examined up to each row's first fire (inclusive), `fired` rows that fired,
+        `n` drafts per row, the time of the n draft steps and of the check forward (None: not timed)."""
+        self.fires += fired
+        self.positions += checked
+        if draft_seconds is None or check_seconds is None:
+            return
+        self.draft_time += draft_seconds
+        self.draft_steps += n
+        self.check_time[n] = self.check_time.get(n, 0.0) + check_seconds
+        self.check_count[n] = self.check_count.get(n, 0) + 1
+
+    def check_cost(self, n: int) -> float:
+        """c(n) in seconds: the mean of the checks over n positions, interpolated between the n seen."""
+        d = self.draft_time / self.draft_steps
+        points = {1: d} if 1 not in self.check_time else {}
+        points.update({m: self.check_time[m] / self.check_count[m] for m in self.check_time})
+        xs = sorted(points)
+        if n in points:
+            return points[n]
+        if n > xs[-1]:
+            slope = (points[xs[-1]] - points[xs[-2]]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+            return points[xs[-1]] + max(slope, 0.0) * (n - xs[-1])
+        hi = next(x for x in xs if x > n)
+        lo = max(x for x in xs if x < n)
+        return points[lo] + (points[hi] - points[lo]) * (n - lo) / (hi - lo)
+
+    def choose(self) -> int:
+        """The k of the next round (k_start until a round has been observed)."""
+        if self.draft_steps == 0:
+            return self.k_start
+        d = self.draft_time / self.draft_steps
+        rate = self.rate
+        best, best_value = 1, -math.inf
+        for k in range(1, self.k_max + 1):
+            value = expected_accepted(rate, k) / (k * d + self.check_cost(k))
+            if value > best_value * (1.0 + 1e-9):
+                best, best_value = k, value
+        return best
