@@ -10,8 +10,9 @@ tokens, so the choice is `argmax_k A(k) / (k d + c(k))` over 1..k_max.
 - f is estimated from the rounds so far: fires / checked positions up to each row's first fire (the geometric
   likelihood), with a prior of `prior_fires / prior_positions` (5% over 20 positions).
 - d is the mean time of one draft step; c(n) the mean time of a check over n positions for every n seen so far,
-  interpolated linearly in n between them, with a one-token check costing one draft step when nothing else is known
-  (and extrapolated past the largest n seen with the last slope).
+  interpolated linearly in n between them (see `check_cost` for the ends). The measured costs are kept from one
+  generation to the next by the caller (`DirectionalModelForCausalLM` keeps one chooser per batch size and device),
+  the fire rate starts from the prior in every generation.
 
 Exactness does not depend on k: the k of a round is chosen before any of that round's randomness is drawn, from
 past rounds only, and every round emits tokens with the step-by-step distribution given the prefix whatever k is.
@@ -40,6 +41,7 @@ class AdaptiveLookahead:
         if k_max < 1 or not 1 <= k_start <= k_max:
             raise ValueError(f"need 1 <= k_start (={k_start}) <= k_max (={k_max}).")
         self.k_max, self.k_start = k_max, k_start
+        self.prior_fires, self.prior_positions = prior_fires, prior_positions
         self.fires, self.positions = prior_fires, prior_positions
         self.draft_time, self.draft_steps = 0.0, 0
         self.check_time: dict[int, float] = {}  # n -> summed seconds
@@ -64,19 +66,30 @@ class AdaptiveLookahead:
         self.check_count[n] = self.check_count.get(n, 0) + 1
 
     def check_cost(self, n: int) -> float:
-        """c(n) in seconds: the mean of the checks over n positions, interpolated between the n seen."""
-        d = self.draft_time / self.draft_steps
-        points = {1: d} if 1 not in self.check_time else {}
-        points.update({m: self.check_time[m] / self.check_count[m] for m in self.check_time})
+        """c(n) in seconds: the mean of the checks over n positions for the n seen, interpolated linearly between
+        them; below the smallest n seen, that n's cost (a shorter check is not assumed cheaper until seen); above the
+        largest, the last slope (with one n seen: the slope of the line from a one-token check at one draft step)."""
+        points = {m: self.check_time[m] / self.check_count[m] for m in self.check_time}
         xs = sorted(points)
         if n in points:
             return points[n]
+        if n < xs[0]:
+            return points[xs[0]]
         if n > xs[-1]:
-            slope = (points[xs[-1]] - points[xs[-2]]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+            if len(xs) > 1:
+                lo, hi = xs[-2], xs[-1]
+                slope = (points[hi] - points[lo]) / (hi - lo)
+            else:
+                d = self.draft_time / self.draft_steps
+                slope = (points[xs[-1]] - d) / (xs[-1] - 1) if xs[-1] > 1 else 0.0
             return points[xs[-1]] + max(slope, 0.0) * (n - xs[-1])
         hi = next(x for x in xs if x > n)
         lo = max(x for x in xs if x < n)
         return points[lo] + (points[hi] - points[lo]) * (n - lo) / (hi - lo)
+
+    def start(self) -> None:
+        """A new generation: the fire rate starts again from the prior, the measured costs are kept."""
+        self.fires, self.positions = self.prior_fires, self.prior_positions
 
     def choose(self) -> int:
         """The k of the next round (k_start until a round has been observed)."""

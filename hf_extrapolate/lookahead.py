@@ -151,9 +151,14 @@ def fires_at_drafts(
     return mask.gather(-1, y).squeeze(-1), (log_p.exp() * mask).sum(-1)
 
 
-def _sync(device: torch.device) -> None:
+def _clock(device: torch.device) -> float:
+    """Seconds for timing a round's phases: process CPU time on CPU (steady on a shared host), the wall clock after a
+    synchronisation on an accelerator (only `lookahead="auto"` times anything)."""
+    if device.type == "cpu":
+        return time.process_time()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @torch.no_grad()
@@ -177,6 +182,7 @@ def lookahead_decode(
     output_logits: bool = False,
     output_posterior: bool = True,
     generator: torch.Generator | None = None,
+    chooser: AdaptiveLookahead | None = None,
 ) -> dict[str, Any]:
     """Exact lookahead decoding of the directional step distribution. Returns a dict with
     `sequences` (R, P + T), `scores` / `logits` (tuples of (R, V) per generated position, or None),
@@ -186,10 +192,15 @@ def lookahead_decode(
 
     `input_ids` (R, P) left-padded with `attention_mask` (R, P); `base_context` wraps every base forward (the LoRA
     fallback turns the adapter off in it). Temperature / top-k / top-p are `config`'s (applied inside).
-    `lookahead` is k, or "auto" to choose k per round (`hf_extrapolate.adaptive_k`).
+    `lookahead` is k, or "auto" to choose k per round (`hf_extrapolate.adaptive_k`) with `chooser` (a new one when
+    None; pass the same one to later calls to reuse its measured costs).
     """
     k_arg = check_lookahead(lookahead)
-    chooser = AdaptiveLookahead() if k_arg == "auto" else None
+    if k_arg == "auto":
+        chooser = chooser if chooser is not None else AdaptiveLookahead()
+        chooser.start()
+    else:
+        chooser = None
     k_max = chooser.k_max if chooser is not None else int(k_arg)
     device = input_ids.device
     total_rows, prompt_len = input_ids.shape
@@ -250,8 +261,7 @@ def lookahead_decode(
         slots = slot_mask.shape[1]
         # 1. draft n tokens from p, one proposal forward each
         if chooser is not None:
-            _sync(device)
-            t0 = time.perf_counter()
+            t0 = _clock(device)
         tokens = [pending]
         prop_logits = []
         for i in range(n):
@@ -268,16 +278,14 @@ def lookahead_decode(
         fed = torch.stack(tokens[:n], dim=1)  # (rows, n): pending, y_1..y_{n-1}
         # 2. the other model scores the n positions in one forward
         if chooser is not None:
-            _sync(device)
-            t1 = time.perf_counter()
+            t1 = _clock(device)
         new_mask = torch.cat([slot_mask, slot_mask.new_ones(rows, n)], dim=1)
         fed_pos = next_pos[:, None] + ar[:n]
         if check_prefix is not None:  # round 1: the prompt's first P - 1 tokens too
             fed, fed_pos = torch.cat([check_prefix[0], fed], dim=1), torch.cat([check_prefix[1], fed_pos], dim=1)
         check_logits = checker(fed, new_mask, fed_pos, keep=n)  # (rows, n, V)
         if chooser is not None:
-            _sync(device)
-            t2 = time.perf_counter()
+            t2 = _clock(device)
         prop = torch.stack(prop_logits, dim=1)
         rl_l, base_l = (check_logits, prop) if config.proposal == "base" else (prop, check_logits)
         rl_flat = rl_l[..., :shared].reshape(rows * n, shared)
@@ -543,6 +551,7 @@ def _run(pair, gen, cfg, input_ids, attention_mask, k, max_new, stopping_criteri
         output_scores=bool(gen.return_dict_in_generate and gen.output_scores),
         output_logits=bool(gen.return_dict_in_generate and gen.output_logits),
         output_posterior=bool(gen.return_dict_in_generate), generator=generator,
+        chooser=_chooser(pair, k, input_ids),
     )
     sequences = result["sequences"]
     prompt_len = input_ids.shape[1]
@@ -558,6 +567,17 @@ def _run(pair, gen, cfg, input_ids, attention_mask, k, max_new, stopping_criteri
     out["replaced_token_probability"] = result["posterior"].masked_fill(~valid, float("nan"))
     out["lora_strategy"] = strategy
     return out
+
+
+def _chooser(pair: Any, k: int | str, input_ids: torch.Tensor) -> AdaptiveLookahead | None:
+    """For `lookahead="auto"`: the pair's chooser for this batch size and device (it keeps the measured costs)."""
+    if k != "auto":
+        return None
+    choosers = pair._lookahead_choosers
+    key = (input_ids.shape[0], str(input_ids.device))
+    if key not in choosers:
+        choosers[key] = AdaptiveLookahead()
+    return choosers[key]
 
 
 # arguments transformers' generate passes to a `custom_generate` folder that the wrapper's generate does not take
