@@ -256,7 +256,7 @@ def lookahead_decode(
 
     while max_new_tokens > 0 and active.numel() > 0:
         rows = active.numel()
-        k = chooser.choose() if chooser is not None else k_max
+        k = chooser.choose(rows) if chooser is not None else k_max
         n = int(min(k, int((max_new_tokens - count).max())))
         slots = slot_mask.shape[1]
         # 1. draft n tokens from p, one proposal forward each
@@ -284,8 +284,6 @@ def lookahead_decode(
         if check_prefix is not None:  # round 1: the prompt's first P - 1 tokens too
             fed, fed_pos = torch.cat([check_prefix[0], fed], dim=1), torch.cat([check_prefix[1], fed_pos], dim=1)
         check_logits = checker(fed, new_mask, fed_pos, keep=n)  # (rows, n, V)
-        if chooser is not None:
-            t2 = _clock(device)
         prop = torch.stack(prop_logits, dim=1)
         rl_l, base_l = (check_logits, prop) if config.proposal == "base" else (prop, check_logits)
         rl_flat = rl_l[..., :shared].reshape(rows * n, shared)
@@ -363,10 +361,13 @@ def lookahead_decode(
         stats["drafted"] += rows * n
         stats["accepted"] += int(take.sum())
         stats["k"].append(n)
-        if chooser is not None:  # round 1's times include the prefills: only its fire counts are used
+        if chooser is not None:  # the check's cost includes the round's step math and bookkeeping; round 1's
+            # times include the prefills: only its fire counts are used
             checked = int(torch.minimum(first + 1, torch.full_like(first, n)).sum())
             timed = check_prefix is None
-            chooser.observe(checked, int(any_fire.sum()), n, t1 - t0 if timed else None, t2 - t1 if timed else None)
+            t2 = _clock(device)
+            chooser.observe(checked, int(any_fire.sum()), n, t1 - t0 if timed else None, t2 - t1 if timed else None,
+                            rows)
         check_prefix = None
         count = count + take
         done = has_eos | (count >= max_new_tokens)

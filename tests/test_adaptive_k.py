@@ -48,11 +48,15 @@ def test_check_cost_is_interpolated_between_the_lengths_seen():
 
 def test_check_cost_ends_one_length_seen():
     chooser = AdaptiveLookahead()
-    chooser.observe(10, 1, 8, draft_seconds=8.0, check_seconds=2.4)  # d = 1, c(8) = 2.4
-    assert chooser.check_cost(4) == pytest.approx(2.4)  # shorter checks are not assumed cheaper until seen
-    assert chooser.check_cost(12) == pytest.approx(2.4 + 4 * (2.4 - 1.0) / 7)  # the line from (1, d)
+    chooser.observe(10, 1, 8, draft_seconds=8.0, check_seconds=2.4, rows=4)  # d = 1, c(8) = 2.4 at 4 rows
+    assert chooser.check_cost(4, rows=4) == pytest.approx(2.4)  # shorter checks are not assumed cheaper until seen
+    assert chooser.check_cost(12, rows=4) == pytest.approx(2.4 + 4 * (2.4 - 1.0) / 7)  # the line from (1, d)
     chooser.start()  # a new generation: the rate is the prior again, the costs stay
-    assert chooser.rate == pytest.approx(1.0 / 20.0) and chooser.check_cost(8) == pytest.approx(2.4)
+    assert chooser.rate == pytest.approx(1.0 / 20.0) and chooser.check_cost(8, rows=4) == pytest.approx(2.4)
+    # costs are kept per row count; a row count never timed uses the nearest one timed
+    chooser.observe(0, 0, 8, draft_seconds=4.0, check_seconds=0.8, rows=1)
+    assert chooser.check_cost(8, rows=1) == pytest.approx(0.8) and chooser.draft_cost(1) == pytest.approx(0.5)
+    assert chooser.check_cost(8, rows=3) == pytest.approx(2.4) and chooser.draft_cost(3) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(
