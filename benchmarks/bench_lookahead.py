@@ -66,12 +66,16 @@ def timed(run: Callable[[], Any]) -> tuple[float, float]:
 
 
 def interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
-    """Median process / wall seconds of every run, the runs interleaved within each repeat after one warm-up."""
+    """Median process / wall seconds of every run, the runs interleaved within each repeat after one warm-up. Every
+    run of repeat i starts from torch seed 1000 + i (the warm-up from 999): a rerun sees the same draws, and so the
+    same number of lookahead rounds (fixed k)."""
     for run in runs.values():
+        torch.manual_seed(999)
         run()
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-    for _ in range(repeats):
+    for i in range(repeats):
         for name, run in runs.items():
+            torch.manual_seed(1000 + i)
             samples[name].append(timed(run))
     return {
         name: {"cpu_s": statistics.median(s[0] for s in vals), "wall_s": statistics.median(s[1] for s in vals)}
