@@ -9,12 +9,13 @@ Rows, interleaved within every repeat on the same prompts (one warm-up, then the
 (`do_sample=True`, neutral warpers), every row generating exactly N new tokens (EOS disabled):
 
 1. `targets`: at 5% redraws (`criterion="random", threshold=0.05`: the rate is exact, RL proposing), at batch 1 and 4:
-   plain `rl_model.generate` (`rl`), step-by-step directional generation (`step`) and `lookahead=8` (`la8`);
-2. `curve`: `lookahead=k` for k in {2, 4, 8, 16} over redraw rates 1%, 5%, 20%, each relative to `step` at the same
-   rate (batch 1);
+   plain `rl_model.generate` (`rl`), step-by-step directional generation (`step`), `lookahead=8` (`la8`) and
+   `lookahead="auto"` (`laauto`, k chosen per round);
+2. `curve`: `lookahead=k` for k in {2, 4, 8, 16, "auto"} over redraw rates 1%, 5%, 20%, each relative to `step` at
+   the same rate (batch 1 and 4);
 3. `toy`: the built-in toy pair (`hf_extrapolate.toy`) at the paper's operating point (`logp_diff`, tau = -0.3,
-   gamma 0.1), both proposals, on its chat prompts (EOS on), `step` vs `lookahead=8`; it reports the measured redraw
-   rate and the accepted tokens per round.
+   gamma 0.1), both proposals, on its chat prompts (EOS on), `step` vs `lookahead=8` and `lookahead="auto"`; it
+   reports the measured redraw rate and the accepted tokens per round.
 
 Models for 1-2 are random-initialised Qwen2 of the shape of `bench_generate.py`'s CPU rows (hidden 512, 8 layers,
 vocab 32000, fp32). Times are process CPU seconds (`time.process_time`, steadier on a shared host than the wall clock;
@@ -65,12 +66,16 @@ def timed(run: Callable[[], Any]) -> tuple[float, float]:
 
 
 def interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
-    """Median process / wall seconds of every run, the runs interleaved within each repeat after one warm-up."""
+    """Median process / wall seconds of every run, the runs interleaved within each repeat after one warm-up. Every
+    run of repeat i starts from torch seed 1000 + i (the warm-up from 999): a rerun sees the same draws, and so the
+    same number of lookahead rounds (fixed k)."""
     for run in runs.values():
+        torch.manual_seed(999)
         run()
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-    for _ in range(repeats):
+    for i in range(repeats):
         for name, run in runs.items():
+            torch.manual_seed(1000 + i)
             samples[name].append(timed(run))
     return {
         name: {"cpu_s": statistics.median(s[0] for s in vals), "wall_s": statistics.median(s[1] for s in vals)}
@@ -78,8 +83,8 @@ def interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, d
     }
 
 
-def random_rows(rl, base, batch: int, tokens: int, rate: float, ks: tuple[int, ...], repeats: int, prompt_len: int,
-                with_plain: bool) -> dict[str, Any]:
+def random_rows(rl, base, batch: int, tokens: int, rate: float, ks: tuple[int | str, ...], repeats: int,
+                prompt_len: int, with_plain: bool) -> dict[str, Any]:
     cfg = ExtrapolationConfig(criterion="random", threshold=rate, proposal="rl", gamma=0.1)
     model = DirectionalModelForCausalLM(rl, base, cfg)
     inputs = make_prompts(batch, prompt_len, rl.config.vocab_size, "cpu")
@@ -121,15 +126,17 @@ def toy_rows(tokens: int, repeats: int, batch: int) -> list[dict[str, Any]]:
             model.generate(**inputs, **fixed)
             ratios["step"] = float(model.last_replace_ratio.mean())
 
-        def la8(model=model, fixed=fixed, ratios=ratios, stats=stats):
-            model.generate(**inputs, **fixed, lookahead=8)
-            ratios["la8"] = float(model.last_replace_ratio.mean())
-            stats.update(model.last_lookahead_stats)
+        def la(k, model=model, fixed=fixed, ratios=ratios, stats=stats):
+            model.generate(**inputs, **fixed, lookahead=k)
+            ratios[f"la{k}"] = float(model.last_replace_ratio.mean())
+            stats[f"la{k}"] = dict(model.last_lookahead_stats)
 
-        times = interleaved({"step": step, "la8": la8}, repeats)
+        times = interleaved({"step": step, "la8": lambda: la(8), "laauto": lambda: la("auto")}, repeats)
         out.append({"proposal": proposal, "batch": batch, "tokens": tokens, "times": times,
-                    "vs_step": times["la8"]["cpu_s"] / times["step"]["cpu_s"], "replace_ratio": ratios,
-                    "accepted_per_round": stats["accepted"] / max(1, stats["rounds"]) / batch})
+                    "vs_step": {name: times[name]["cpu_s"] / times["step"]["cpu_s"] for name in ("la8", "laauto")},
+                    "replace_ratio": ratios, "lookahead_stats": stats,
+                    "accepted_per_round": {name: st["accepted"] / max(1, st["rounds"]) / batch
+                                           for name, st in stats.items()}})
     return out
 
 
@@ -140,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip", nargs="*", default=[], choices=["targets", "curve", "toy"])
+    parser.add_argument("--curve-batches", nargs="*", type=int, default=[1, 4])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -162,14 +170,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if "targets" not in args.skip:
         for batch in (1, 4):
-            row = random_rows(rl, base, batch, tokens, 0.05, (8,), repeats, 32, with_plain=True)
+            row = random_rows(rl, base, batch, tokens, 0.05, (8, "auto"), repeats, 32, with_plain=True)
             report["targets"].append(row)
             show(row)
     if "curve" not in args.skip:
-        for rate in (0.01, 0.05, 0.20):
-            row = random_rows(rl, base, 1, tokens, rate, (2, 4, 8, 16), repeats, 32, with_plain=False)
-            report["curve"].append(row)
-            show(row)
+        for batch in args.curve_batches:
+            for rate in (0.01, 0.05, 0.20):
+                row = random_rows(rl, base, batch, tokens, rate, (2, 4, 8, 16, "auto"), repeats, 32, with_plain=False)
+                report["curve"].append(row)
+                show(row)
     if "toy" not in args.skip:
         for row in toy_rows(24 if args.quick else 128, repeats, 4):
             report["toy"].append(row)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,9 +36,10 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .adaptive_k import AdaptiveLookahead
 from .config import ExtrapolationConfig
 from .criteria import fires
-from .directional import directional_step_with_replacement, normalize_pair
+from .directional import _view_fire_weight, directional_step_with_replacement, normalize_pair, shown_to_proposal
 from .distributions import NEG_INF, warp_logprobs
 from .processor import shared_vocab_size
 from .statistics import generated_mask
@@ -66,11 +68,15 @@ _REFUSED_SETTINGS = {
 }
 
 
-def check_lookahead(lookahead: Any) -> int:
+def check_lookahead(lookahead: Any) -> int | str:
+    """`lookahead` as given: a positive int, or "auto" (k chosen per round, `hf_extrapolate.adaptive_k`)."""
+    if lookahead == "auto" and isinstance(lookahead, str):
+        return "auto"
     if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
         raise ValueError(
-            f"`lookahead` (={lookahead!r}) must be a positive int: the number of tokens the proposal model drafts per "
-            "round (e.g. 8); omit it for step-by-step decoding."
+            f"`lookahead` (={lookahead!r}) must be a positive int (the number of tokens the proposal model drafts per "
+            "round, e.g. 8) or \"auto\" (k chosen per round from the observed fire rate); omit it for step-by-step "
+            "decoding."
         )
     return lookahead
 
@@ -96,6 +102,64 @@ class _Forward:
         if drop > 0:
             self.cache.crop(-drop)
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+
+
+def sample_from_logprobs(log_p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from `softmax(log_p)` by inversion of the cumulative distribution, in float64.
+    log_p: (B, V) log-probabilities. Returns (B,) long.
+
+    The same distribution as `torch.multinomial(log_p.exp(), 1)` (one uniform per row), at a twentieth of its cost
+    on CPU for a 32k vocabulary; a token of probability 0 is never drawn.
+    """
+    probs = log_p.exp()
+    cum = probs.double().cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), dtype=torch.float64, device=probs.device, generator=generator)
+    idx = torch.searchsorted(cum, u * cum[:, -1:], right=True).clamp(max=probs.shape[-1] - 1)
+    # u * total can round up to the total: then the last token, which may have probability 0, is replaced
+    return torch.where(probs.gather(-1, idx) > 0, idx, probs.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def fires_at_drafts(
+    rl_scores: torch.Tensor, base_scores: torch.Tensor, drafts: torch.Tensor, config: ExtrapolationConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Whether the criterion fires when the drafted token is `drafts`, for a deterministic criterion (not
+    `random`), and the replaced mass M of the position. rl_scores, base_scores: (N, V) logits; drafts: (N,).
+    Returns `(fire (N,) bool, M (N,) float or None)`; M is None with `view_top_k` (use the full step for it).
+
+    Token-level criteria read the drafted token; position-level ones (and always / never) do not, except with
+    `view_top_k`, where the proposal's view shows the drawn token (the reference code's step).
+    """
+    rl, base = normalize_pair(rl_scores, base_scores)
+    y = drafts.reshape(-1, 1).clamp(max=rl.shape[-1] - 1)
+    if config.view_top_k is not None:
+        k = min(config.view_top_k, rl.shape[-1])
+        prop, other = (rl, base) if config.proposal == "rl" else (base, rl)
+        other_seen = shown_to_proposal(other, k)
+        rl_seen, base_seen = (rl, other_seen) if config.proposal == "rl" else (other_seen, base)
+        top_idx = prop.topk(k, dim=-1).indices
+        in_top = torch.zeros_like(prop, dtype=torch.bool).scatter_(-1, top_idx, True)
+        weight = _view_fire_weight(rl_seen, base_seen, rl, base, config, top_idx, in_top)
+        return weight.expand_as(rl).gather(-1, y).squeeze(-1) > 0.5, None
+    mask = fires(config.criterion, config.threshold, rl, base, config.proposal)  # (N, V) or (N, 1)
+    if mask.shape[-1] == 1:  # position-level and constant criteria: M is the 0/1 indicator
+        fire = mask.squeeze(-1)
+        return fire, fire.float()
+    proposal = base if config.proposal == "base" else rl
+    log_p = warp_logprobs(proposal, config.temperature, config.top_k, config.top_p, normalized=True)
+    return mask.gather(-1, y).squeeze(-1), (log_p.exp() * mask).sum(-1)
+
+
+def _clock(device: torch.device) -> float:
+    """Seconds for timing a round's phases: process CPU time on CPU (steady on a shared host), the wall clock after a
+    synchronisation on an accelerator (only `lookahead="auto"` times anything)."""
+    if device.type == "cpu":
+        return time.process_time()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
 
 @torch.no_grad()
 def lookahead_decode(
@@ -105,7 +169,7 @@ def lookahead_decode(
     attention_mask: torch.Tensor | None,
     config: ExtrapolationConfig,
     *,
-    lookahead: int,
+    lookahead: int | str,
     do_sample: bool,
     max_new_tokens: int,
     eos_token_id: int | list[int] | None = None,
@@ -116,19 +180,30 @@ def lookahead_decode(
     streamer: Any = None,
     output_scores: bool = False,
     output_logits: bool = False,
+    output_posterior: bool = True,
     generator: torch.Generator | None = None,
+    chooser: AdaptiveLookahead | None = None,
 ) -> dict[str, Any]:
     """Exact lookahead decoding of the directional step distribution. Returns a dict with
     `sequences` (R, P + T), `scores` / `logits` (tuples of (R, V) per generated position, or None),
     `mass` (R, T) the replaced mass M of every generated position, `posterior` (R, T) the probability that the token
-    was a redraw (`M r(y) / q(y)`; 0/1 greedy) and `stats` (rounds, drafted, accepted).
+    was a redraw (`M r(y) / q(y)`; 0/1 greedy; zeros with `output_posterior=False`, which skips computing it) and
+    `stats` (rounds, drafted, accepted, and `k`: the k of every round).
 
     `input_ids` (R, P) left-padded with `attention_mask` (R, P); `base_context` wraps every base forward (the LoRA
     fallback turns the adapter off in it). Temperature / top-k / top-p are `config`'s (applied inside).
+    `lookahead` is k, or "auto" to choose k per round (`hf_extrapolate.adaptive_k`) with `chooser` (a new one when
+    None; pass the same one to later calls to reuse its measured costs).
     """
-    k = check_lookahead(lookahead)
+    k_arg = check_lookahead(lookahead)
+    if k_arg == "auto":
+        chooser = chooser if chooser is not None else AdaptiveLookahead()
+        chooser.start()
+    else:
+        chooser = None
+    k_max = chooser.k_max if chooser is not None else int(k_arg)
     device = input_ids.device
-    rows, prompt_len = input_ids.shape
+    total_rows, prompt_len = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     mask = attention_mask.to(device).long()
@@ -138,99 +213,124 @@ def lookahead_decode(
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None and eos.numel() else 0
     greedy = not do_sample
+    # the math over all drafted positions is needed for the scores / posterior, and for a criterion that reads the
+    # distributions; `random` sampling without them needs the redraw distribution at the fired positions only
+    has_stopping = stopping_criteria is not None and len(stopping_criteria) > 0
+    # the step distribution log q over all drafted positions is needed for the scores / posterior / stopping
+    # criteria, and in greedy mode; otherwise a round computes the fire decisions and M (nothing for `random`) and
+    # the redraw distribution at each row's first fired position only
+    full_math = output_scores or output_posterior or has_stopping or greedy or config.view_top_k is not None
     rl_runner = _Forward(rl_model, None)
     base_runner = _Forward(base_model, base_context)
     proposer, checker = (base_runner, rl_runner) if config.proposal == "base" else (rl_runner, base_runner)
 
-    # prefill both caches with all but the last prompt token (the "pending" token, fed at the start of a round)
+    # the caches hold all but the last prompt token (the "pending" token, fed at the start of a round): the proposer
+    # is prefilled with the whole prompt (its logits there are the first draft's), the checker reads all but the last
+    # prompt token in its first check forward (one forward fewer for each)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    if prompt_len > 1:
-        for runner in (rl_runner, base_runner):
-            runner(input_ids[:, :-1], mask[:, :-1], positions[:, :-1], keep=1)
-    slot_mask = mask[:, :-1]  # (R, slots in the caches)
+    first_logits = proposer(input_ids, mask, positions, keep=1)[:, -1]
+    check_prefix = (input_ids[:, :-1], positions[:, :-1]) if prompt_len > 1 else None
+    # per active row (rows that are done leave the batch and the caches): the global row, the cache slots it
+    # attends, its pending token and that token's position id, its emitted count
+    active = torch.arange(total_rows, device=device)
+    slot_mask = mask[:, :-1]
     pending = input_ids[:, -1]
-    next_pos = positions[:, -1].clone()  # position id of the pending token
+    next_pos = positions[:, -1].clone()
+    count = torch.zeros(total_rows, dtype=torch.long, device=device)
 
-    emitted = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    count = torch.zeros(rows, dtype=torch.long, device=device)
-    done = torch.full((rows,), max_new_tokens <= 0, dtype=torch.bool, device=device)
+    emitted = torch.full((total_rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    final_count = torch.zeros(total_rows, dtype=torch.long, device=device)
     rl_size = rl_model.get_output_embeddings().weight.shape[0]
     # the token range both models are compared on (padded embedding matrices): drafts come from it only
     shared = shared_vocab_size(rl_size, base_model.get_output_embeddings().weight.shape[0], vocab_size)
-    mass_out = torch.zeros(rows, max_new_tokens, device=device)
-    post_out = torch.zeros(rows, max_new_tokens, device=device)
+    mass_out = torch.zeros(total_rows, max_new_tokens, device=device)
+    post_out = torch.zeros(total_rows, max_new_tokens, device=device)
     scores_out: list | None = [] if output_scores else None  # per round: (row index, position, (m, V) values)
     logits_out: list | None = [] if output_logits else None
-    stats = {"rounds": 0, "drafted": 0, "accepted": 0}
-    ar = torch.arange(k, device=device)
+    stats: dict[str, Any] = {"rounds": 0, "drafted": 0, "accepted": 0, "k": []}
+    ar = torch.arange(k_max, device=device)
     if streamer is not None:
-        if rows > 1:
+        if total_rows > 1:
             raise ValueError("Streamers support only batch size 1 (one row, num_return_sequences=1).")
         streamer.put(input_ids.cpu())
 
-    while not bool(done.all()):
-        n = int(min(k, int((max_new_tokens - count[~done]).max())))
+    while max_new_tokens > 0 and active.numel() > 0:
+        rows = active.numel()
+        k = chooser.choose(rows) if chooser is not None else k_max
+        n = int(min(k, int((max_new_tokens - count).max())))
         slots = slot_mask.shape[1]
         # 1. draft n tokens from p, one proposal forward each
+        if chooser is not None:
+            t0 = _clock(device)
         tokens = [pending]
         prop_logits = []
         for i in range(n):
             step_mask = torch.cat([slot_mask, slot_mask.new_ones(rows, i + 1)], dim=1)
-            logits = proposer(tokens[-1][:, None], step_mask, (next_pos + i)[:, None], keep=1)[:, -1]
-            prop_logits.append(logits)
-            log_p = warp_logprobs(torch.log_softmax(logits[:, :shared].float(), dim=-1), config.temperature, config.top_k,
-                                  config.top_p, normalized=True)
-            if greedy:
-                tokens.append(log_p.argmax(-1))
+            if first_logits is not None:  # round 1: the proposer has read the pending token in its prefill
+                logits, first_logits = first_logits, None
             else:
-                tokens.append(torch.multinomial(log_p.exp(), 1, generator=generator).squeeze(-1))
-        drafts = torch.stack(tokens[1:], dim=1)  # (R, n)
-        fed = torch.stack(tokens[:n], dim=1)  # (R, n): pending, y_1..y_{n-1}
+                logits = proposer(tokens[-1][:, None], step_mask, (next_pos + i)[:, None], keep=1)[:, -1]
+            prop_logits.append(logits)
+            log_p = warp_logprobs(torch.log_softmax(logits[:, :shared].float(), dim=-1), config.temperature,
+                                  config.top_k, config.top_p, normalized=True)
+            tokens.append(log_p.argmax(-1) if greedy else sample_from_logprobs(log_p, generator))
+        drafts = torch.stack(tokens[1:], dim=1)  # (rows, n)
+        fed = torch.stack(tokens[:n], dim=1)  # (rows, n): pending, y_1..y_{n-1}
         # 2. the other model scores the n positions in one forward
+        if chooser is not None:
+            t1 = _clock(device)
         new_mask = torch.cat([slot_mask, slot_mask.new_ones(rows, n)], dim=1)
-        check_logits = checker(fed, new_mask, next_pos[:, None] + ar[:n], keep=n)  # (R, n, V)
+        fed_pos = next_pos[:, None] + ar[:n]
+        if check_prefix is not None:  # round 1: the prompt's first P - 1 tokens too
+            fed, fed_pos = torch.cat([check_prefix[0], fed], dim=1), torch.cat([check_prefix[1], fed_pos], dim=1)
+        check_logits = checker(fed, new_mask, fed_pos, keep=n)  # (rows, n, V)
         prop = torch.stack(prop_logits, dim=1)
         rl_l, base_l = (check_logits, prop) if config.proposal == "base" else (prop, check_logits)
         rl_flat = rl_l[..., :shared].reshape(rows * n, shared)
         base_flat = base_l[..., :shared].reshape(rows * n, shared)
-        # 3. the step distribution at the n positions
-        out, mass, log_r = directional_step_with_replacement(
-            rl_flat, base_flat, config, greedy=greedy, generator=generator
-        )
+        # 3. where the criterion fires, and the step distribution at the n positions
+        if full_math:
+            out, mass, log_r = directional_step_with_replacement(
+                rl_flat, base_flat, config, greedy=greedy, generator=generator
+            )
         if greedy:
             fire = mass > 0.5
         elif config.criterion == "random":
             fire = torch.rand(rows * n, device=device, generator=generator) < config.threshold
-        elif config.criterion == "logp_diff":
-            rl_n, base_n = normalize_pair(rl_flat, base_flat)
-            y = drafts.reshape(-1, 1).clamp(max=shared - 1)
-            fire = fires("logp_diff", config.threshold, rl_n.gather(-1, y), base_n.gather(-1, y)).squeeze(-1)
-        else:  # position-level, always, never: M is the 0/1 fire indicator
-            fire = mass > 0.5
+            if not full_math:
+                mass = torch.full((rows * n,), config.threshold, device=device)
+        else:
+            fire, lean_mass = fires_at_drafts(rl_flat, base_flat, drafts.reshape(-1), config)
+            if not full_math:
+                mass = lean_mass
         fire = fire.view(rows, n)
         any_fire = fire.any(-1)
-        first = torch.where(any_fire, fire.float().argmax(-1), torch.full_like(count, n))  # (R,)
+        first = torch.where(any_fire, fire.float().argmax(-1), torch.full_like(pending, n))  # (rows,)
         accepted = torch.where(any_fire, first + 1, first)  # emitted tokens this round
         # the redraw at the first fired position of each row
-        idx = (torch.arange(rows, device=device) * n + first.clamp(max=n - 1))
-        if greedy:
-            redraw = out[idx].argmax(-1)
+        idx = torch.arange(rows, device=device) * n + first.clamp(max=n - 1)
+        if not full_math:
+            _, _, log_r_first = directional_step_with_replacement(rl_flat[idx], base_flat[idx], config)
         else:
-            redraw = torch.multinomial(log_r[idx].exp(), 1, generator=generator).squeeze(-1)
-        new_tokens = drafts.clone()
-        rows_fired = any_fire.nonzero().squeeze(-1)
-        new_tokens[rows_fired, first[rows_fired]] = redraw[rows_fired]
+            log_r_first = out[idx] if greedy else log_r[idx]
+        redraw = log_r_first.argmax(-1) if greedy else sample_from_logprobs(log_r_first, generator)
+        new_tokens = torch.where(ar[:n] == first[:, None], redraw[:, None], drafts)  # first == n: no redraw
         # posterior that the emitted token is a redraw, and the scores of every position
-        chosen = new_tokens.reshape(-1, 1).clamp(max=shared - 1)
         if greedy:
             posterior = mass
-        else:
+        elif output_posterior:
+            chosen = new_tokens.reshape(-1, 1).clamp(max=shared - 1)
             log_post = mass.log() + (log_r.gather(-1, chosen) - out.gather(-1, chosen)).squeeze(-1)
             posterior = log_post.exp().nan_to_num(0.0).clamp(0.0, 1.0)
+        else:
+            posterior = torch.zeros_like(mass)
         mass, posterior = mass.view(rows, n), posterior.view(rows, n)
-        if shared < rl_size:
-            out = torch.cat([out, out.new_full((out.shape[0], rl_size - shared), NEG_INF)], dim=-1)
-        out = out.view(rows, n, -1)
+        if full_math:
+            if shared < rl_size:
+                out = torch.cat([out, out.new_full((out.shape[0], rl_size - shared), NEG_INF)], dim=-1)
+            out = out.view(rows, n, -1)
+        else:
+            out = None
 
         # 4. emit per row: budget, EOS and stopping criteria
         take = torch.minimum(accepted, max_new_tokens - count)
@@ -239,47 +339,65 @@ def lookahead_decode(
             has_eos = is_eos.any(-1)
             take = torch.where(has_eos, is_eos.float().argmax(-1) + 1, take)
         else:
-            has_eos = torch.zeros_like(done)
-        take = torch.where(done, torch.zeros_like(take), take)
-        if stopping_criteria is not None and len(stopping_criteria) > 0:
-            take, stopped = _apply_stopping(stopping_criteria, input_ids, emitted, count, new_tokens, out, take)
+            has_eos = torch.zeros_like(any_fire)
+        if has_stopping:
+            take, stopped = _apply_stopping(stopping_criteria, input_ids[active], emitted[active], count, new_tokens,
+                                            out, take)
             has_eos = has_eos | stopped
-        keep = ar[:n] < take[:, None]  # (R, n) emitted this round
+        keep = ar[:n] < take[:, None]  # (rows, n) emitted this round
         row_idx, col_idx = keep.nonzero(as_tuple=True)
+        global_idx = active[row_idx]
         dest = count[row_idx] + col_idx
-        emitted[row_idx, dest] = new_tokens[row_idx, col_idx]
-        mass_out[row_idx, dest] = mass[row_idx, col_idx]
-        post_out[row_idx, dest] = posterior[row_idx, col_idx]
+        emitted[global_idx, dest] = new_tokens[row_idx, col_idx]
+        mass_out[global_idx, dest] = mass[row_idx, col_idx]
+        post_out[global_idx, dest] = posterior[row_idx, col_idx]
         if scores_out is not None:
-            scores_out.append((row_idx, dest, out[row_idx, col_idx]))
+            scores_out.append((global_idx, dest, out[row_idx, col_idx]))
         if logits_out is not None:
-            logits_out.append((row_idx, dest, rl_l[row_idx, col_idx].float()))
+            logits_out.append((global_idx, dest, rl_l[row_idx, col_idx].float()))
         if streamer is not None and int(take[0]) > 0:
             streamer.put(new_tokens[0, : int(take[0])].cpu())
         stats["rounds"] += 1
-        stats["drafted"] += int((~done).sum()) * n
+        stats["drafted"] += rows * n
         stats["accepted"] += int(take.sum())
+        stats["k"].append(n)
+        if chooser is not None:  # the check's cost includes the round's step math and bookkeeping; round 1's
+            # times include the prefills: only its fire counts are used
+            checked = int(torch.minimum(first + 1, torch.full_like(first, n)).sum())
+            timed = check_prefix is None
+            t2 = _clock(device)
+            chooser.observe(checked, int(any_fire.sum()), n, t1 - t0 if timed else None, t2 - t1 if timed else None,
+                            rows)
+        check_prefix = None
         count = count + take
-        done = done | has_eos | (count >= max_new_tokens)
+        done = has_eos | (count >= max_new_tokens)
 
-        # 5. roll back: slots of the accepted prefix stay attended, the rest are masked out or cropped
-        keep_slots = torch.where(done, torch.zeros_like(accepted), accepted)  # (R,) in 0..n
-        round_mask = (ar[:n] < keep_slots[:, None]).long()
-        width = int(keep_slots.max()) if rows else 0
-        slot_mask = torch.cat([slot_mask, round_mask[:, :width]], dim=1)
+        # 5. roll back: slots of the accepted prefix stay attended, the rest are masked out or cropped; rows that
+        # are done leave the batch (and both caches)
+        if bool(done.any()):
+            final_count[active[done]] = count[done]
+            live = (~done).nonzero().squeeze(-1)
+            if live.numel() == 0:
+                break
+            for runner in (rl_runner, base_runner):
+                runner.select_rows(live)
+            active, count, slot_mask = active[live], count[live], slot_mask[live]
+            accepted, new_tokens, next_pos = accepted[live], new_tokens[live], next_pos[live]
+        width = int(accepted.max())
+        slot_mask = torch.cat([slot_mask, (ar[:width] < accepted[:, None]).long()], dim=1)
         for runner in (rl_runner, base_runner):
             runner.crop(slots + width)
-        pending = new_tokens.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(-1)
+        pending = new_tokens.gather(1, (accepted - 1)[:, None]).squeeze(-1)
         next_pos = next_pos + accepted
 
     if streamer is not None:
         streamer.end()
-    length = int(count.max()) if rows else 0
+    length = int(final_count.max()) if total_rows else 0
     sequences = torch.cat([input_ids, emitted[:, :length]], dim=1)
     return {
         "sequences": sequences,
-        "scores": _per_position(scores_out, rows, length, pad_token_id, rl_size, True) if output_scores else None,
-        "logits": _per_position(logits_out, rows, length, pad_token_id, rl_size, False) if output_logits else None,
+        "scores": _per_position(scores_out, total_rows, length, pad_token_id, rl_size, True) if output_scores else None,
+        "logits": _per_position(logits_out, total_rows, length, pad_token_id, rl_size, False) if output_logits else None,
         "mass": mass_out[:, :length],
         "posterior": post_out[:, :length],
         "stats": stats,
@@ -293,7 +411,8 @@ def _apply_stopping(criteria, input_ids, emitted, count, new_tokens, out, take):
         c = int(count[b])
         for j in range(int(take[b])):
             seq = torch.cat([input_ids[b], emitted[b, :c], new_tokens[b, : j + 1]])[None]
-            if bool(criteria(seq, out[b, j : j + 1]).any()):
+            scores = out[b, j : j + 1] if out is not None else None
+            if bool(criteria(seq, scores).any()):
                 take[b], stopped[b] = j + 1, True
                 break
     return take, stopped
@@ -413,16 +532,27 @@ def _run(pair, gen, cfg, input_ids, attention_mask, k, max_new, stopping_criteri
     if pair.is_lora_pair:
         from .peft_pair import _tuner_layers, adapter_disabled
 
+        if pair.lora_strategy == "fused":
+            raise ValueError(
+                "lora_strategy='fused' cannot be combined with `lookahead`: the fused strategy runs both models on "
+                "the same position (the batch doubled), lookahead runs them on different positions (drafts, then "
+                "one check). Use lora_strategy='auto' or 'fallback' (what lookahead runs), or drop `lookahead`."
+            )
         layers = _tuner_layers(pair.rl_model)
         base_model, base_context = pair.rl_model, (lambda: adapter_disabled(layers))
+        strategy = "fallback"
     else:
         base_model, base_context = pair._reference_model, None
+        strategy = "separate"
+    pair.last_lora_strategy = strategy
     result = lookahead_decode(
         pair.rl_model, base_model, input_ids, attention_mask, cfg, lookahead=k, do_sample=do_sample,
         max_new_tokens=max_new, eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
         base_context=base_context, vocab_size=pair.vocab_size, stopping_criteria=stopping_criteria, streamer=streamer,
         output_scores=bool(gen.return_dict_in_generate and gen.output_scores),
-        output_logits=bool(gen.return_dict_in_generate and gen.output_logits), generator=generator,
+        output_logits=bool(gen.return_dict_in_generate and gen.output_logits),
+        output_posterior=bool(gen.return_dict_in_generate), generator=generator,
+        chooser=_chooser(pair, k, input_ids),
     )
     sequences = result["sequences"]
     prompt_len = input_ids.shape[1]
@@ -436,7 +566,19 @@ def _run(pair, gen, cfg, input_ids, attention_mask, k, max_new, stopping_criteri
     out = GenerateDecoderOnlyOutput(sequences=sequences, scores=result["scores"], logits=result["logits"])
     out["replace_ratio"] = ratio
     out["replaced_token_probability"] = result["posterior"].masked_fill(~valid, float("nan"))
+    out["lora_strategy"] = strategy
     return out
+
+
+def _chooser(pair: Any, k: int | str, input_ids: torch.Tensor) -> AdaptiveLookahead | None:
+    """For `lookahead="auto"`: the pair's chooser for this batch size and device (it keeps the measured costs)."""
+    if k != "auto":
+        return None
+    choosers = pair._lookahead_choosers
+    key = (input_ids.shape[0], str(input_ids.device))
+    if key not in choosers:
+        choosers[key] = AdaptiveLookahead()
+    return choosers[key]
 
 
 # arguments transformers' generate passes to a `custom_generate` folder that the wrapper's generate does not take

@@ -121,6 +121,9 @@ class DirectionalModelForCausalLM(torch.nn.Module, GenerationMixin):
         self.last_replace_ratio: torch.Tensor | None = None
         self.last_processor: DirectionalLogitsProcessor | None = None
         self.last_lora_strategy: str | None = None  # "separate", "fused" or "fallback": what the last generate ran
+        self.last_lookahead_stats: dict | None = None  # lookahead: rounds, drafted, accepted and the k of each round
+        # lookahead="auto": one k chooser per (batch size, device), keeping the measured draft / check costs
+        self._lookahead_choosers: dict = {}
 
     # ------------------------------------------------------------------ transformers-like surface
     @property

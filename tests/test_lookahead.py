@@ -1,9 +1,12 @@
 """Lookahead decoding (`generate(..., lookahead=k)`) is the step-by-step directional process, exactly.
 
 - greedy: the same tokens as the step-by-step path (every criterion but random, both proposals, left padding, EOS
-  inside a draft, max_new_tokens not a multiple of k, a stopping criterion);
+  inside a draft, max_new_tokens not a multiple of k, a stopping criterion), with a fixed k and with k="auto";
 - sampling: per-position scores equal a full recompute without cache, and the distribution of short continuations
-  of a tiny-vocabulary pair equals exact enumeration (chi-square; a buggy lookahead sampler is rejected);
+  of a tiny-vocabulary pair equals exact enumeration (chi-square; a buggy lookahead sampler is rejected), for the
+  role-relative token criteria, the reference code's top-k views (`view_top_k`) and k="auto" too;
+- the draft sampler (inversion of the CDF) has the distribution it samples from;
+- the LoRA pair: greedy tokens and sampled scores, and the strategy reported (fallback);
 - errors for what it does not do.
 """
 
@@ -17,8 +20,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from hf_extrapolate import DirectionalModelForCausalLM, ExtrapolationConfig
-from hf_extrapolate.criteria import position_metric
+from hf_extrapolate.criteria import position_metric, token_difference
 from hf_extrapolate.directional import directional_step_with_replacement, normalize_pair, proposal_and_replacement
+from hf_extrapolate.lookahead import sample_from_logprobs
 
 from .tiny import EOS, PAD, left_padded_batch, tiny_llama
 
@@ -43,15 +47,18 @@ def median_threshold(rl, base, criterion: str, batch, proposal: str = "base") ->
         l_rl = rl(**batch).logits.flatten(0, 1)
         l_b = base(**batch).logits.flatten(0, 1)
     rl_n, base_n = normalize_pair(l_rl, l_b)
-    if criterion == "logp_diff":
+    if criterion in TOKEN:
         y0 = (base_n if proposal == "base" else rl_n).argmax(-1, keepdim=True)
-        return float((rl_n.gather(-1, y0) - base_n.gather(-1, y0)).median())
+        return float(token_difference(criterion, rl_n, base_n, proposal).gather(-1, y0).median())
     return float(position_metric(criterion, rl_n, base_n).median())
+
+
+TOKEN = ("logp_diff", "logp_other_minus_proposal", "logp_proposal_minus_other")
 
 
 def configs(rl, base, batch, proposal):
     out = [("always", 0.0), ("never", 0.0)]
-    return out + [(c, median_threshold(rl, base, c, batch, proposal)) for c in ("logp_diff",) + POSITION]
+    return out + [(c, median_threshold(rl, base, c, batch, proposal)) for c in TOKEN + POSITION]
 
 
 @pytest.mark.parametrize("proposal", ["base", "rl"])
@@ -62,7 +69,7 @@ def test_greedy_tokens_identical_to_step_by_step_every_criterion(pair, batch, pr
         model = DirectionalModelForCausalLM(rl, base, cfg)
         ref = model.generate(**batch, do_sample=False, max_new_tokens=13)
         ref_ratio = model.last_replace_ratio
-        for k in (5,):  # lookahead=1: test_greedy_scores_and_lookahead_1_equal_step_by_step
+        for k in (5, "auto"):  # lookahead=1: test_greedy_scores_and_lookahead_1_equal_step_by_step
             out = model.generate(**batch, do_sample=False, max_new_tokens=13, lookahead=k)
             assert torch.equal(out, ref), (criterion, proposal, k)
             torch.testing.assert_close(model.last_replace_ratio, ref_ratio)
@@ -140,18 +147,19 @@ def full_recompute_scores(rl, base, sequences, attention_mask, cfg, prompt_len, 
 
 
 @pytest.mark.parametrize(
-    "criterion,tau,proposal",
-    [("logp_diff", -0.3, "base"), ("random", 0.3, "rl"), ("kl", None, "rl"), ("entropy", None, "base")],
+    "criterion,tau,proposal,k",
+    [("logp_diff", -0.3, "base", 4), ("random", 0.3, "rl", 4), ("kl", None, "rl", 4), ("entropy", None, "base", 4),
+     ("logp_proposal_minus_other", None, "rl", 4), ("logp_diff", -0.3, "rl", "auto"), ("random", 0.1, "rl", "auto")],
 )
-def test_sampled_scores_equal_full_recompute(pair, batch, criterion, tau, proposal):
+def test_sampled_scores_equal_full_recompute(pair, batch, criterion, tau, proposal, k):
     rl, base = pair
     if tau is None:
-        tau = median_threshold(rl, base, criterion, batch)
+        tau = median_threshold(rl, base, criterion, batch, proposal)
     cfg = ExtrapolationConfig(criterion=criterion, threshold=tau, proposal=proposal, gamma=0.2)
     model = DirectionalModelForCausalLM(rl, base, cfg)
     torch.manual_seed(0)
     out = model.generate(**batch, do_sample=True, temperature=0.8, top_k=40, top_p=0.9, max_new_tokens=11,
-                         lookahead=4, eos_token_id=EOS, pad_token_id=PAD, num_return_sequences=2,
+                         lookahead=k, eos_token_id=EOS, pad_token_id=PAD, num_return_sequences=2,
                          return_dict_in_generate=True, output_scores=True)
     mask = batch["attention_mask"].repeat_interleave(2, dim=0)
     prompt = batch["input_ids"].shape[1]
@@ -171,7 +179,7 @@ SMALL_VOCAB, STEPS = 6, 3
 
 
 def exact_tables(rl, base, prompt, cfg):
-    """For every prefix of up to STEPS-1 generated tokens: (log p, log r, fire mask over tokens, log q)."""
+    """For every prefix of up to STEPS-1 generated tokens: (p, r, fire mask of `logp_diff` over tokens, q, M)."""
     tables = {}
     for n in range(STEPS):
         for prefix in itertools.product(range(SMALL_VOCAB), repeat=n):
@@ -183,8 +191,8 @@ def exact_tables(rl, base, prompt, cfg):
             rl_n, base_n = normalize_pair(l_rl, l_b)
             log_p, log_r = proposal_and_replacement(rl_n, base_n, cfg)
             fire = (rl_n - base_n) < cfg.threshold
-            log_q = directional_step_with_replacement(l_rl, l_b, cfg)[0]
-            tables[prefix] = (log_p[0].exp(), log_r[0].exp(), fire[0], log_q[0].exp())
+            log_q, mass, _ = directional_step_with_replacement(l_rl, l_b, cfg)
+            tables[prefix] = (log_p[0].exp(), log_r[0].exp(), fire[0], log_q[0].exp(), float(mass[0]))
     return tables
 
 
@@ -225,7 +233,7 @@ def buggy_lookahead_samples(tables, n, k, generator):
             for y in drafts:
                 if EOS in prefix:
                     break
-                p, r, fire, _ = tables[prefix]
+                p, r, fire, _, _ = tables[prefix]
                 if bool(fire[y]):
                     y = int(torch.multinomial(r, 1, generator=generator))
                 out.append(y)
@@ -252,26 +260,52 @@ def chi_square_pvalue(samples, probs) -> float:
                                          torch.tensor(stat / 2.0, dtype=torch.float64)))
 
 
-@pytest.mark.parametrize("proposal,tau", [("base", -1.0), ("rl", -0.5)])
-def test_sampling_distribution_equals_exact_enumeration(proposal, tau):
+@pytest.mark.parametrize(
+    "proposal,criterion,tau,view_top_k,k",
+    [
+        ("base", "logp_diff", -1.0, None, 2),
+        ("rl", "logp_diff", -0.5, None, 2),
+        ("rl", "logp_diff", -0.5, None, "auto"),
+        ("base", "logp_proposal_minus_other", 1.2, None, 2),  # role-relative: fires on the drafted token
+        ("base", "logp_diff", -1.0, 3, 2),  # the reference's views: the gate reads the shown values
+        ("rl", "kl", 0.4, 3, 3),  # a position-level criterion on the views depends on the drawn token
+    ],
+)
+def test_sampling_distribution_equals_exact_enumeration(proposal, criterion, tau, view_top_k, k):
     rl = tiny_llama(0, vocab_size=SMALL_VOCAB, **PEAKY)
     base = tiny_llama(1, vocab_size=SMALL_VOCAB, **PEAKY)
     prompt = (1, 4, 3)
-    cfg = ExtrapolationConfig(criterion="logp_diff", threshold=tau, proposal=proposal, gamma=0.5)
+    cfg = ExtrapolationConfig(criterion=criterion, threshold=tau, proposal=proposal, gamma=0.5, view_top_k=view_top_k)
     tables = exact_tables(rl, base, prompt, cfg)
     probs = exact_distribution(tables)
-    fired = [float((t[0] * t[2]).sum()) for t in tables.values()]
+    fired = [t[4] for t in tables.values()]
     assert 0.1 < sum(fired) / len(fired) < 0.9  # the criterion fires often enough for the test to have power
     model = DirectionalModelForCausalLM(rl, base, cfg)
     n = 6000
     torch.manual_seed(1)
-    out = model.generate(input_ids=torch.tensor([prompt]), do_sample=True, max_new_tokens=STEPS, lookahead=2,
+    out = model.generate(input_ids=torch.tensor([prompt]), do_sample=True, max_new_tokens=STEPS, lookahead=k,
                          num_return_sequences=n, eos_token_id=EOS, pad_token_id=PAD)
     samples = [outcome(row) for row in out[:, len(prompt):].tolist()]
     assert chi_square_pvalue(samples, probs) > 1e-3
-    # negative control: the same test rejects a lookahead sampler that keeps drafts after a redraw
-    wrong = buggy_lookahead_samples(tables, n, 2, torch.Generator().manual_seed(2))
-    assert chi_square_pvalue(wrong, probs) < 1e-6
+    if criterion == "logp_diff" and view_top_k is None:
+        # negative control: the same test rejects a lookahead sampler that keeps drafts after a redraw
+        wrong = buggy_lookahead_samples(tables, n, 2, torch.Generator().manual_seed(2))
+        assert chi_square_pvalue(wrong, probs) < 1e-6
+
+
+def test_draft_sampler_has_the_distribution_it_samples_from():
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.25, 0.05, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    draws = sample_from_logprobs(probs.log().repeat_interleave(n, dim=0), g).view(2, n)
+    assert bool((draws[1] == 3).all())
+    assert bool((probs[0, draws[0]] > 0).all())  # a token of probability 0 is never drawn
+    samples = [(int(y),) for y in draws[0]]
+    exact = {(y,): float(probs[0, y]) for y in range(6) if probs[0, y] > 0}
+    assert chi_square_pvalue(samples, exact) > 1e-3
+    # negative control: the same counts reject a distribution 2 points off on two tokens
+    wrong = {**exact, (0,): 0.48, (2,): 0.22}
+    assert chi_square_pvalue(samples, wrong) < 1e-6
 
 
 def test_max_new_tokens_not_a_multiple_of_k_sampling(pair, batch):
@@ -294,15 +328,53 @@ def test_lora_pair_greedy_matches_step_by_step():
     before = [m._disable_adapters for m in layers]
     batch = left_padded_batch([4, 6], seed=1)
     ref = model.generate(**batch, do_sample=False, max_new_tokens=10)
-    out = model.generate(**batch, do_sample=False, max_new_tokens=10, lookahead=4)
-    assert torch.equal(out, ref)
+    for k in (4, "auto"):
+        out = model.generate(**batch, do_sample=False, max_new_tokens=10, lookahead=k)
+        assert torch.equal(out, ref)
+        assert model.last_lora_strategy == "fallback"
     assert [m._disable_adapters for m in layers] == before  # the adapter state is the user's: restored
+
+
+class _AdapterOff:
+    """The base of a LoRA pair for the full recompute: the PEFT model with its adapter disabled."""
+
+    def __init__(self, peft_model):
+        self.peft_model = peft_model
+
+    def __call__(self, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**kwargs)
+
+
+def test_lora_pair_sampled_scores_equal_full_recompute_and_strategy_reported():
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(0, **PEAKY), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                     init_lora_weights=False))
+    cfg = ExtrapolationConfig(threshold=-0.05, proposal="base", gamma=0.3)
+    model = DirectionalModelForCausalLM.from_peft(peft_model, cfg)
+    batch = left_padded_batch([4, 6], seed=1)
+    torch.manual_seed(0)
+    out = model.generate(**batch, do_sample=True, top_p=0.9, max_new_tokens=9, lookahead=3, eos_token_id=EOS,
+                         pad_token_id=PAD, return_dict_in_generate=True, output_scores=True)
+    assert out.lora_strategy == "fallback" and model.last_lora_strategy == "fallback"
+    prompt = batch["input_ids"].shape[1]
+    ref = full_recompute_scores(peft_model, _AdapterOff(peft_model), out.sequences, batch["attention_mask"],
+                                cfg.replace(top_p=0.9), prompt)
+    valid = ~out.replaced_token_probability.isnan()
+    assert 0.0 < float(out.replace_ratio.mean()) < 1.0
+    for t, (s, r) in enumerate(zip(out.scores, ref, strict=True)):
+        torch.testing.assert_close(s[valid[:, t]], r[valid[:, t]], atol=1e-5, rtol=1e-5)
+    fused = DirectionalModelForCausalLM.from_peft(peft_model, cfg, lora_strategy="fused")
+    with pytest.raises(ValueError, match="lora_strategy='fused'"):
+        fused.generate(**batch, max_new_tokens=3, lookahead=4)
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
     [
         (dict(lookahead=0), "`lookahead`"),
+        (dict(lookahead="fast"), "`lookahead`"),
         (dict(lookahead=4, num_beams=2), "num_beams"),
         (dict(lookahead=4, prompt_lookup_num_tokens=3), "prompt_lookup_num_tokens"),
         (dict(lookahead=4, repetition_penalty=1.2), "repetition_penalty"),

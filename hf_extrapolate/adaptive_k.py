@@ -1,0 +1,125 @@
+"""Choosing the lookahead length k per round (`lookahead="auto"`) from the observed fire rate and measured costs.
+
+A round drafts k tokens (k proposal forwards of one token, cost `k d`) and checks them in one forward of the other
+model over k positions (cost `c(k)`). With a per-position fire probability f, a row emits, per round,
+
+    A(k) = sum_{j=0}^{k-1} (1 - f)^j = (1 - (1 - f)^k) / f      (the drafts up to and including the first fire)
+
+tokens, so the choice is `argmax_k A(k) / (k d + c(k))` over 1..k_max.
+
+- f is estimated from the rounds so far: fires / checked positions up to each row's first fire (the geometric
+  likelihood), with a prior of `prior_fires / prior_positions` (5% over 20 positions).
+- d is the mean time of one draft step; c(n) the mean time of a check over n positions (the other model's forward,
+  the step math and the bookkeeping of the round: everything a round costs but its drafts) for every n seen so far,
+  interpolated linearly in n between them (see `check_cost` for the ends). The measured costs are kept from one
+  generation to the next by the caller (`DirectionalModelForCausalLM` keeps one chooser per batch size and device),
+  the fire rate starts from the prior in every generation.
+
+Exactness does not depend on k: the k of a round is chosen before any of that round's randomness is drawn, from
+past rounds only, and every round emits tokens with the step-by-step distribution given the prefix whatever k is.
+The choice depends on measured time, so with sampling the same seed can give different (equally distributed)
+samples from run to run; greedy tokens do not depend on k. This module does not time anything itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def expected_accepted(rate: float, k: int) -> float:
+    """A(k) = (1 - (1 - f)^k) / f: the expected tokens a row emits in a round of k drafts at fire rate f."""
+    if rate <= 0.0:
+        return float(k)
+    if rate >= 1.0:
+        return 1.0
+    return (1.0 - (1.0 - rate) ** k) / rate
+
+
+class AdaptiveLookahead:
+    """The per-round choice of k: `choose(rows)` before a round, `observe(...)` after it.
+
+    Costs are kept per number of rows in the forward (rows that are done leave the batch, and a forward of fewer
+    rows costs less); a row count never timed uses the nearest one that was.
+    """
+
+    def __init__(self, k_max: int = 16, k_start: int = 8, prior_fires: float = 1.0, prior_positions: float = 20.0):
+        if k_max < 1 or not 1 <= k_start <= k_max:
+            raise ValueError(f"need 1 <= k_start (={k_start}) <= k_max (={k_max}).")
+        self.k_max, self.k_start = k_max, k_start
+        self.prior_fires, self.prior_positions = prior_fires, prior_positions
+        self.fires, self.positions = prior_fires, prior_positions
+        self.draft_time: dict[int, float] = {}  # rows -> summed seconds of draft steps
+        self.draft_steps: dict[int, int] = {}
+        self.check_time: dict[int, dict[int, float]] = {}  # rows -> n -> summed seconds
+        self.check_count: dict[int, dict[int, int]] = {}
+
+    @property
+    def rate(self) -> float:
+        return self.fires / self.positions
+
+    def start(self) -> None:
+        """A new generation: the fire rate starts again from the prior, the measured costs are kept."""
+        self.fires, self.positions = self.prior_fires, self.prior_positions
+
+    def observe(
+        self, checked: int, fired: int, n: int, draft_seconds: float | None = None,
+        check_seconds: float | None = None, rows: int = 1,
+    ) -> None:
+        """One round: `checked` positions examined up to each row's first fire (inclusive), `fired` rows that fired,
+        `n` drafts per row, the time of the n draft steps and of the rest of the round (None: not timed), over
+        `rows` rows."""
+        self.fires += fired
+        self.positions += checked
+        if draft_seconds is None or check_seconds is None:
+            return
+        self.draft_time[rows] = self.draft_time.get(rows, 0.0) + draft_seconds
+        self.draft_steps[rows] = self.draft_steps.get(rows, 0) + n
+        times, counts = self.check_time.setdefault(rows, {}), self.check_count.setdefault(rows, {})
+        times[n] = times.get(n, 0.0) + check_seconds
+        counts[n] = counts.get(n, 0) + 1
+
+    def _timed_rows(self, rows: int) -> int | None:
+        if not self.draft_steps:
+            return None
+        return min(self.draft_steps, key=lambda r: (abs(r - rows), -r))
+
+    def draft_cost(self, rows: int = 1) -> float:
+        """d in seconds: the mean draft step (of the nearest row count timed)."""
+        r = self._timed_rows(rows)
+        return self.draft_time[r] / self.draft_steps[r]
+
+    def check_cost(self, n: int, rows: int = 1) -> float:
+        """c(n) in seconds: the mean of the checks over n positions for the n seen, interpolated linearly between
+        them; below the smallest n seen, that n's cost (a shorter check is not assumed cheaper until seen); above the
+        largest, the last slope (with one n seen: the slope of the line from a one-token check at one draft step)."""
+        r = self._timed_rows(rows)
+        points = {m: self.check_time[r][m] / self.check_count[r][m] for m in self.check_time[r]}
+        xs = sorted(points)
+        if n in points:
+            return points[n]
+        if n < xs[0]:
+            return points[xs[0]]
+        if n > xs[-1]:
+            if len(xs) > 1:
+                lo, hi = xs[-2], xs[-1]
+                slope = (points[hi] - points[lo]) / (hi - lo)
+            else:
+                d = self.draft_cost(rows)
+                slope = (points[xs[-1]] - d) / (xs[-1] - 1) if xs[-1] > 1 else 0.0
+            return points[xs[-1]] + max(slope, 0.0) * (n - xs[-1])
+        hi = next(x for x in xs if x > n)
+        lo = max(x for x in xs if x < n)
+        return points[lo] + (points[hi] - points[lo]) * (n - lo) / (hi - lo)
+
+    def choose(self, rows: int = 1) -> int:
+        """The k of the next round for `rows` rows (k_start until a round has been timed)."""
+        if not self.draft_steps:
+            return self.k_start
+        d = self.draft_cost(rows)
+        rate = self.rate
+        best, best_value = 1, -math.inf
+        for k in range(1, self.k_max + 1):
+            value = expected_accepted(rate, k) / (k * d + self.check_cost(k, rows))
+            if value > best_value * (1.0 + 1e-9):
+                best, best_value = k, value
+        return best

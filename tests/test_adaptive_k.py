@@ -1,0 +1,82 @@
+"""The per-round choice of k (`lookahead="auto"`): the expected-tokens formula, the cost interpolation and the argmax.
+
+That every emitted token keeps the step-by-step distribution whatever k is chosen is tested in test_lookahead.py
+(greedy tokens, scores against a full recompute, exact enumeration, all with `lookahead="auto"`).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_extrapolate.adaptive_k import AdaptiveLookahead, expected_accepted
+
+
+def first_fire_expectation(rate: float, k: int) -> float:
+    """E[tokens emitted in a round] from its definition: the first fire at j emits j tokens, no fire emits k."""
+    no_fire_before = 1.0
+    total = 0.0
+    for j in range(1, k + 1):
+        total += j * no_fire_before * rate
+        no_fire_before *= 1.0 - rate
+    return total + k * no_fire_before
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.01, 0.05, 0.3, 1.0])
+def test_expected_accepted_is_the_expectation_of_a_round(rate):
+    for k in range(1, 17):
+        assert expected_accepted(rate, k) == pytest.approx(first_fire_expectation(rate, k), rel=1e-12)
+
+
+def observed(rate: float, cost: dict[int, float], draft: float = 1.0, positions: int = 100_000) -> AdaptiveLookahead:
+    """A chooser that has seen `positions` positions at fire rate `rate`, draft steps of `draft` seconds and a check
+    over n positions costing `cost[n]`."""
+    chooser = AdaptiveLookahead(prior_fires=0.0, prior_positions=1e-9)
+    chooser.observe(positions, int(round(rate * positions)), 1, draft, cost.get(1, draft))
+    for n, seconds in cost.items():
+        if n != 1:
+            chooser.observe(0, 0, n, n * draft, seconds)
+    return chooser
+
+
+def test_check_cost_is_interpolated_between_the_lengths_seen():
+    chooser = observed(0.05, {4: 2.0, 8: 4.0}, draft=1.0)
+    assert chooser.check_cost(1) == pytest.approx(1.0)  # nothing seen at 1: a one-token check costs one draft step
+    assert chooser.check_cost(2) == pytest.approx(1.0 + (2.0 - 1.0) / 3)  # between (1, 1.0) and (4, 2.0)
+    assert chooser.check_cost(6) == pytest.approx(3.0)
+    assert chooser.check_cost(12) == pytest.approx(6.0)  # past the largest n: the last slope (0.5 / position)
+
+
+def test_check_cost_ends_one_length_seen():
+    chooser = AdaptiveLookahead()
+    chooser.observe(10, 1, 8, draft_seconds=8.0, check_seconds=2.4, rows=4)  # d = 1, c(8) = 2.4 at 4 rows
+    assert chooser.check_cost(4, rows=4) == pytest.approx(2.4)  # shorter checks are not assumed cheaper until seen
+    assert chooser.check_cost(12, rows=4) == pytest.approx(2.4 + 4 * (2.4 - 1.0) / 7)  # the line from (1, d)
+    chooser.start()  # a new generation: the rate is the prior again, the costs stay
+    assert chooser.rate == pytest.approx(1.0 / 20.0) and chooser.check_cost(8, rows=4) == pytest.approx(2.4)
+    # costs are kept per row count; a row count never timed uses the nearest one timed
+    chooser.observe(0, 0, 8, draft_seconds=4.0, check_seconds=0.8, rows=1)
+    assert chooser.check_cost(8, rows=1) == pytest.approx(0.8) and chooser.draft_cost(1) == pytest.approx(0.5)
+    assert chooser.check_cost(8, rows=3) == pytest.approx(2.4) and chooser.draft_cost(3) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "rate,cost",
+    [
+        (0.05, {n: 1.0 + 0.1 * (n - 1) for n in range(1, 17)}),  # CPU-like: a chunk costs more with its length
+        (0.05, {n: 1.0 for n in range(1, 17)}),  # GPU-like: a chunk costs one step
+        (0.20, {n: 1.5 + 0.07 * n for n in range(1, 17)}),
+        (0.01, {n: 1.0 + 0.1 * (n - 1) for n in range(1, 17)}),
+    ],
+)
+def test_choose_maximises_expected_tokens_per_second(rate, cost):
+    chooser = observed(rate, cost)
+    best = max(range(1, 17), key=lambda k: first_fire_expectation(rate, k) / (k + cost[k]))
+    assert chooser.choose() == best
+
+
+def test_extremes_and_the_start():
+    assert AdaptiveLookahead(k_start=8).choose() == 8  # nothing observed yet
+    assert observed(0.0, {1: 1.0, 16: 2.0}).choose() == 16  # nothing ever fires: draft as far as allowed
+    assert observed(1.0, {1: 1.0, 16: 2.0}).choose() == 1  # everything fires: one draft per round
+    with pytest.raises(ValueError, match="k_start"):
+        AdaptiveLookahead(k_max=4, k_start=8)
