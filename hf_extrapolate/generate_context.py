@@ -78,16 +78,20 @@ class GenerateContext:
 
 
 def inspect_generate_call(processor: Any, max_depth: int = MAX_DEPTH) -> GenerateContext:
-    """Find the `LogitsProcessorList` calling `processor` and the decoding loop calling that list."""
+    """Find the `LogitsProcessorList` calling `processor` and the decoding loop calling that list. A processor wrapped
+    in another object of that list still gets the decoding loop's configuration (`processors` stays None)."""
     ctx = GenerateContext()
     frame = sys._getframe(1)
     depth = 0
+    in_list = False  # a LogitsProcessorList was found (the processor may be in it wrapped by the user's own class)
     while frame is not None and depth < max_depth:
         local = frame.f_locals
-        if ctx.processors is None:
+        if not in_list:
             owner = local.get("self")
-            if isinstance(owner, LogitsProcessorList) and any(p is processor for p in owner):
-                ctx.processors = owner
+            if isinstance(owner, LogitsProcessorList):
+                in_list = True
+                if any(p is processor for p in owner):
+                    ctx.processors = owner
         else:
             gen = local.get("generation_config")
             if isinstance(gen, GenerationConfig):

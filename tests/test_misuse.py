@@ -131,6 +131,29 @@ def test_default_processor_follows_greedy_generate(pair):
     assert torch.equal(out, _two_stage_greedy(rl, base, inputs, CFG, 6))
 
 
+
+class _UserWrapper(LogitsProcessor):
+    """A user's own processor that calls the directional one (e.g. to log or post-process its scores)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, input_ids, scores):
+        return self.inner(input_ids, scores)
+
+
+def test_wrapped_processor_still_follows_greedy_generate(pair):
+    """Wrapped in another processor it is not itself in generate's list: it still reads the decoding loop's mode
+    (the old code fell back to sampling and returned log q, whose argmax is not the two-stage greedy choice)."""
+    rl, base = pair
+    inputs = _batch()
+    proc = DirectionalLogitsProcessor(base, CFG)
+    out = rl.generate(**inputs, do_sample=False, logits_processor=LogitsProcessorList([_UserWrapper(proc)]),
+                      max_new_tokens=6, min_new_tokens=6, pad_token_id=PAD)
+    assert proc.greedy
+    assert torch.equal(out, _two_stage_greedy(rl, base, inputs, CFG, 6))
+
+
 @pytest.mark.parametrize("kw", [dict(do_sample=True), dict(num_beams=2)], ids=["do_sample", "num_beams"])
 def test_processor_mode_contradicting_greedy_generate_is_refused(pair, kw):
     rl, base = pair
