@@ -53,6 +53,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
 
 from hf_extrapolate import DirectionalLogitsProcessor, DirectionalModelForCausalLM, ExtrapolationConfig
+from hf_extrapolate.cache_compat import cache_kwargs, output_cache
 from hf_extrapolate.directional import directional_step
 
 PAD, BOS, EOS = 0, 1, 2
@@ -209,9 +210,9 @@ class MinimalTwoModelProcessor(LogitsProcessor):
         else:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
             out = self.base_model(input_ids=input_ids[:, -1:], attention_mask=self.mask, position_ids=self.position,
-                                  cache=self.cache, use_cache=True, logits_to_keep=1)
+                                  **cache_kwargs(self.cache), use_cache=True, logits_to_keep=1)
             self.position = self.position + 1
-        self.cache = out.cache if hasattr(out, "cache") else out["cache"]
+        self.cache = output_cache(out)
         return scores
 
 

@@ -37,6 +37,7 @@ from transformers import DynamicCache, GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .adaptive_k import AdaptiveLookahead
+from .cache_compat import cache_kwargs
 from .config import ExtrapolationConfig
 from .criteria import fires
 from .directional import _view_fire_weight, directional_step_with_replacement, normalize_pair, shown_to_proposal
@@ -92,7 +93,7 @@ class _Forward:
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
         with self.context():
             out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache, use_cache=True,
+                input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(self.cache), use_cache=True,
                 logits_to_keep=keep,
             )
         return out.logits

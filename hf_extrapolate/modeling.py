@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, LogitsProcessorList
 
+from .cache_compat import output_cache
 from .config import CONFIG_NAME, ExtrapolationConfig
 from .lookahead import lookahead_generate
 from .peft_pair import FusedLoRAReference, _tuner_layers, adapter_disabled, check_pairable, fused_unsupported_reason
@@ -432,7 +433,7 @@ def _generation_defaults(model: Any, defaults: GenerationConfig):
 
 def _drop_base_rows(out: Any, rows: int) -> None:
     """The fused LoRA forward runs 2R rows; give back only the R rows of the RL model (cache, hidden states, ...)."""
-    cache = out.get("cache") if hasattr(out, "get") else None
+    cache = output_cache(out)
     if cache is not None and hasattr(cache, "batch_select_indices") and cache.get_seq_length() > 0:
         first = cache.layers[0].keys if hasattr(cache, "layers") else None
         if first is None or first.shape[0] == 2 * rows:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .cache_compat import CACHE_KEY
 from .reference import ReferencePolicy, check_causal_lm
 
 BASE_ADAPTER = "__base__"
@@ -152,7 +153,7 @@ class FusedLoRAReference(ReferencePolicy):
                 args = ()
             ids = kwargs.get("input_ids")
             rows = (ids if ids is not None else kwargs["inputs_embeds"]).shape[0]
-            cache = kwargs.get("cache")
+            cache = kwargs.get(CACHE_KEY)
             self._pending_rows = rows
             self._pending_length = (cache.get_seq_length() if cache is not None else 0) + (
                 ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]

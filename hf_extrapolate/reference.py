@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from .cache_compat import cache_kwargs, output_cache
+
 logger = logging.getLogger(__name__)
 
 # positions whose base logits are kept once rollbacks were seen (assisted decoding re-verifies up to this many drafts)
@@ -322,11 +324,11 @@ class ReferenceModel(ReferencePolicy):
                 input_ids=ids[:, start:],
                 attention_mask=full_mask,
                 position_ids=positions,
-                cache=self.cache,
+                **cache_kwargs(self.cache),
                 use_cache=True,
                 logits_to_keep=keep,
             )
-        self.cache = out.cache if hasattr(out, "cache") else out["cache"]
+        self.cache = output_cache(out)
         self.ids = ids
         self.mask = full_mask
         self._next_position = next_position

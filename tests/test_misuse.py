@@ -15,6 +15,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from hf_extrapolate import DirectionalLogitsProcessor, DirectionalModelForCausalLM, ExtrapolationConfig
+from hf_extrapolate.cache_compat import output_cache
 
 from .tiny import EOS, PAD, left_padded_batch, tiny_llama
 
@@ -341,7 +342,7 @@ def test_fused_pair_returns_batch_rows_only():
         outs[strategy] = pair.generate(**inputs, do_sample=True, max_new_tokens=4, pad_token_id=PAD,
                                        return_dict_in_generate=True, output_hidden_states=True)
     fused, fallback = outs["fused"], outs["fallback"]
-    assert fused.cache.layers[0].keys.shape[0] == 3 == fallback.cache.layers[0].keys.shape[0]
+    assert output_cache(fused).layers[0].keys.shape[0] == 3 == output_cache(fallback).layers[0].keys.shape[0]
     for step_f, step_b in zip(fused.hidden_states, fallback.hidden_states):
         for h_f, h_b in zip(step_f, step_b):
             assert h_f.shape == h_b.shape
