@@ -87,6 +87,10 @@ QWEN25_1P5B = dict(
     hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
     vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
 )
+SMALL_MODEL = dict(  # the issue's second shape: a two-model step of a few ms, where per-op costs show most
+    hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+    vocab_size=8192, tie_word_embeddings=False,
+)
 TINY_MODEL = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=1000, tie_word_embeddings=False,
@@ -107,6 +111,8 @@ def make_setting(args: argparse.Namespace) -> Setting:
     else:
         s = Setting("cpu", torch.float32, CPU_MODEL, *((CPU_FULL_GRID, 128) if args.full else (CPU_GRID, 32)),
                     memory_max_tokens=256)
+    if getattr(args, "model", "default") == "small":
+        s = dataclasses.replace(s, model=SMALL_MODEL)
     if args.batch or args.tokens:
         batches = args.batch or sorted({b for b, _ in s.grid})
         lengths = args.tokens or sorted({n for _, n in s.grid})
@@ -214,6 +220,53 @@ class MinimalTwoModelProcessor(LogitsProcessor):
             self.position = self.position + 1
         self.cache = output_cache(out)
         return scores
+
+
+class _Profiled(LogitsProcessor):
+    """Runs `inner` inside a profiler range (the directional processor follows generate's mode also when wrapped)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        with torch.profiler.record_function("PROCESSOR"):
+            return self.inner(input_ids, scores)
+
+
+def operators_per_step(rl, base, inputs: dict, n: int = 16) -> dict[str, dict[str, float]]:
+    """Operators (aten calls, each at least one kernel) per step that the processor issues outside the base model's
+    forward, for the `minimal` and `directional` processors, greedy and sampling (torch profiler, one run each)."""
+    counts: dict[str, dict[str, float]] = {}
+    ranges: list[Any] = []
+
+    def pre(module, args, kwargs):
+        ranges.append(torch.profiler.record_function("BASE_FORWARD"))
+        ranges[-1].__enter__()
+
+    def post(module, args, kwargs, output):
+        ranges.pop().__exit__(None, None, None)
+
+    handles = [base.register_forward_pre_hook(pre, with_kwargs=True),
+               base.register_forward_hook(post, with_kwargs=True)]
+    try:
+        for mode in ("greedy", "sample"):
+            counts[mode] = {}
+            for name in ("minimal", "directional"):
+                proc = (MinimalTwoModelProcessor(base, inputs["attention_mask"]) if name == "minimal" else
+                        DirectionalLogitsProcessor(base, CONFIG))
+                torch.manual_seed(0)
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    rl.generate(**inputs, **gen_kwargs(n, mode == "sample"),
+                                logits_processor=LogitsProcessorList([_Profiled(proc)]))
+                events = prof.events()
+                steps = sum(e.name == "PROCESSOR" for e in events)
+                ops = sum(1 for e in events if e.cpu_parent is not None and e.cpu_parent.name == "PROCESSOR"
+                          and e.name != "BASE_FORWARD")
+                counts[mode][name] = ops / max(steps, 1)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
 
 
 # ---------------------------------------------------------------------- rows
@@ -516,6 +569,11 @@ def run_grid(
                 summaries.append(summary)
                 log(format_block(block, summary, share))
                 checkpoint({"results": results, "summary": summaries, "processor_math": math_rows})
+        operators = None
+        if {"minimal", "directional"} <= set(rows_wanted):
+            inputs = make_prompts(setting.grid[0][0], setting.prompt_length, vocab, setting.device)
+            operators = operators_per_step(rl, base, inputs)
+            log(f"operators per step outside the base forward (batch {setting.grid[0][0]}): {operators}")
         syncs = None
         if setting.device == "cuda":
             inputs = make_prompts(setting.grid[0][0], setting.prompt_length, vocab, setting.device)
@@ -526,6 +584,7 @@ def run_grid(
             log(f"host-device synchronisations per step: {syncs}")
     return {
         "results": results, "summary": summaries, "processor_math": math_rows, "cuda_syncs": syncs,
+        "operators_per_step": operators,
         "weights_mb": {k: v / 2**20 for k, v in weights.items()},
     }
 
@@ -602,6 +661,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="longest generation whose peak memory is measured (CPU default 256: the profiler is heavy)")
     parser.add_argument("--modes", nargs="+", choices=("greedy", "sample"))
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--model", choices=("default", "small"), default="default",
+                        help="CPU model shape: default hidden 512 / 8 layers / vocab 32000; small hidden 256 / 4 / 8192")
     args = parser.parse_args(argv)
     if args.device == "cuda" and args.quick:
         parser.error("--quick is a CPU smoke test; drop --device cuda")

@@ -36,4 +36,7 @@ def test_quick_benchmark_writes_all_rows(tmp_path):
                     "lora_fused_memory_vs_peft"):
             assert _positive(s[key]), (s, key)
     assert report["processor_math"] and all(_positive(m["step_ms"]) for m in report["processor_math"])
+    ops = report["operators_per_step"]  # the minimal loop feeds one token (a handful of ops); the processor does more
+    for mode in ("greedy", "sample"):
+        assert 0 < ops[mode]["minimal"] < ops[mode]["directional"], ops
     assert report["meta"]["threads"] >= 1 and "|" in proc.stdout  # the markdown table is printed
