@@ -58,11 +58,6 @@ class FastStep:
     redraw_is_log: bool
     finite: torch.Tensor | bool
 
-    def redraw_logprob(self, index: torch.Tensor) -> torch.Tensor:
-        """log r at `index` (B, 1)."""
-        value = self.redraw.gather(-1, index)
-        return value if self.redraw_is_log else value.log()
-
 
 class Workspace:
     """Named float32 buffers reused from step to step (reallocated when the shape or device changes)."""
@@ -137,6 +132,11 @@ def fast_step(
     `workspace` holds the intermediates between calls (default: allocate). `branch_free` (default: on accelerators)
     computes without reading anything back to the host: the masked, log-space and all-rows forms (what an accelerator
     runs; True on CPU tests them there)."""
+    if rl_scores.dim() != 2 or rl_scores.shape != base_scores.shape:
+        raise ValueError(
+            f"`rl_scores` {tuple(rl_scores.shape)} and `base_scores` {tuple(base_scores.shape)} must both be (batch, "
+            "vocab) with the same shape (no broadcasting); align padded vocabularies first (the processor does this)."
+        )
     if not covers(config):
         return None
     ws = workspace if workspace is not None else _Fresh()
@@ -212,7 +212,8 @@ def _greedy(
     rl0, base0 = rl.gather(-1, y0), base.gather(-1, y0)
     tau = config.threshold
     if on_cpu:
-        # the (B,) quantities are read back once and decided in Python (float32 semantics), not in a dozen tiny ops
+        # the (B,) quantities are read back once and decided in Python (float32 semantics), not in a dozen tiny
+        # tensor ops: O(B) scalar comparisons, negligible beside the (B, V) passes for any batch size
         if config.criterion == "random":
             fire = (torch.rand(rows, device=rl.device, generator=generator) < tau).tolist()
             values = torch.cat([rl0, base0], dim=1).tolist()

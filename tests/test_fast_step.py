@@ -93,6 +93,14 @@ def test_not_covered_configs_return_none():
         assert fast_step(rl, base, cfg) is None
 
 
+def test_mismatched_shapes_are_refused():
+    rl, base = pair()
+    cfg = ExtrapolationConfig()
+    for b in (base[:1], base[:, :50], base[0]):  # would broadcast, or not line up
+        with pytest.raises(ValueError, match="same shape"):
+            fast_step(rl, b, cfg)
+
+
 def test_non_finite_inputs_are_flagged():
     cfg = ExtrapolationConfig(criterion="logp_diff", threshold=-0.3, gamma=0.1)
     for greedy in (False, True):

@@ -45,17 +45,22 @@ def _check_sampled(recompute, prompt, completion, config, k):
     return mass
 
 
-def test_greedy_is_the_two_stage_greedy_choice(engine, recompute):
-    outs = engine.generate(_prompts(PROMPTS), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+def _check_greedy(recompute, prompts, outs, config, steps):
+    """Greedy tokens are the recompute's two-stage greedy choice, and the replaced mass is exactly 0 or 1 per token."""
     fired = []
-    for prompt, out in zip(PROMPTS, outs):
+    for prompt, out in zip(prompts, outs):
         completion = out.outputs[0]
-        expected = recompute.greedy(prompt, 12, DEFAULT, eos=-1)
+        expected = recompute.greedy(prompt, steps, config, eos=-1)
         assert list(completion.token_ids) == expected
-        _, mass = recompute.steps(prompt, expected, DEFAULT, greedy=True)
-        assert completion.replaced_mass == mass.tolist()  # exactly 0 or 1 per token
+        _, mass = recompute.steps(prompt, expected, config, greedy=True)
+        assert completion.replaced_mass == mass.tolist()
         fired += completion.replaced_mass
     assert 0 < sum(fired) < len(fired)  # the criterion fired on some tokens and not on others: the test can fail
+
+
+def test_greedy_is_the_two_stage_greedy_choice(engine, recompute):
+    outs = engine.generate(_prompts(PROMPTS), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    _check_greedy(recompute, PROMPTS, outs, DEFAULT, 12)
 
 
 def test_sampled_logprobs_are_log_q_with_inner_warpers(engine, recompute):

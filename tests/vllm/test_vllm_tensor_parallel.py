@@ -16,7 +16,7 @@ from hf_extrapolate import ExtrapolationConfig  # noqa: E402
 from hf_extrapolate.vllm import DirectionalLLM  # noqa: E402
 from tests.vllm.conftest import ENGINE_KWARGS  # noqa: E402
 from tests.vllm.reference import Recompute  # noqa: E402
-from tests.vllm.test_vllm_directional import PROMPTS, _check_sampled  # noqa: E402
+from tests.vllm.test_vllm_directional import PROMPTS, _check_greedy, _check_sampled  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("HF_EXTRAPOLATE_SKIP_TP") == "1", reason="HF_EXTRAPOLATE_SKIP_TP=1")
 
@@ -32,15 +32,7 @@ def test_tensor_parallel_2_is_the_recompute(pair, monkeypatch):
     recompute = Recompute(rl, base)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
-    fired = []
-    for prompt, out in zip(PROMPTS, greedy):
-        completion = out.outputs[0]
-        expected = recompute.greedy(prompt, 12, config, eos=-1)
-        assert list(completion.token_ids) == expected
-        _, mass = recompute.steps(prompt, expected, config, greedy=True)
-        assert completion.replaced_mass == mass.tolist()
-        fired += completion.replaced_mass
-    assert 0 < sum(fired) < len(fired)
+    _check_greedy(recompute, PROMPTS, greedy, config, 12)
     sampled = llm.generate(prompts, SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, seed=4, logprobs=4,
                                                    ignore_eos=True))
     inner = config.replace(temperature=0.8, top_p=0.9)
