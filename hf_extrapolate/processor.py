@@ -152,7 +152,7 @@ class DirectionalLogitsProcessor(LogitsProcessor):
         self.stats = ReplacementStats()
         self.finite = FiniteCheck()
         self._workspace = Workspace()  # the step's intermediates, reused from step to step
-        self._pending: tuple | None = None  # (position, log q, log r, M) of the last sampled step
+        self._pending: tuple | None = None  # (position, log q, redraw, M, padded) of the last sampled step
         self._seen: tuple[int, int] | None = None  # (rows, length) of the last call
 
     def _set_mode(self, do_sample: bool, num_beams: int) -> None:
@@ -202,11 +202,11 @@ class DirectionalLogitsProcessor(LogitsProcessor):
             out, mass = step.scores, step.mass
             self.finite.record_summary(position, step.finite, rl_scores, base_scores, out)
             redraw = (step.redraw, step.redraw_is_log)
-        self.stats.record(position, mass)
-        if self.greedy:
-            self.stats.record_posterior(position, mass)
+        if self.greedy:  # the token is the step's argmax: its posterior is the 0 / 1 mass
+            self.stats.record(position, mass, posterior=mass)
         else:
-            self._pending = (position, out, redraw, mass)
+            self.stats.record(position, mass)
+            self._pending = (position, out, redraw, mass, shared < rl_size)
         if shared < rl_size:
             out = torch.cat([out, out.new_full((out.shape[0], rl_size - shared), NEG_INF)], dim=-1)
         return out
@@ -258,16 +258,20 @@ class DirectionalLogitsProcessor(LogitsProcessor):
 
     # ------------------------------------------------------------------ statistics
     def _resolve_pending(self, tokens: torch.Tensor) -> None:
-        """Posterior that the token drawn at the last step was a redraw: `M r(y) / q(y)` for the chosen y."""
+        """Posterior that the token drawn at the last step was a redraw, `M r(y) / q(y)` for the chosen y: its
+        factors are read here (two gathers), the ratio is formed when the statistics are read."""
         if self._pending is None:
             return
-        position, log_q, (redraw, is_log), mass = self._pending
+        position, log_q, (redraw, is_log), mass, padded = self._pending
         self._pending = None
         if tokens.shape[1] > position:
-            chosen = tokens[:, position : position + 1].to(log_q.device).clamp(max=log_q.shape[-1] - 1)
-            log_r = redraw.gather(-1, chosen) if is_log else redraw.gather(-1, chosen).log()
-            post = (log_r - log_q.gather(-1, chosen)).squeeze(-1).exp_().mul_(mass)
-            self.stats.record_posterior(position, post.nan_to_num_(0.0).clamp_(0.0, 1.0))
+            chosen = tokens[:, position : position + 1]
+            if chosen.device != log_q.device:
+                chosen = chosen.to(log_q.device)
+            if padded:  # a token of the padded vocabulary tail (probability 0) reads the last shared column
+                chosen = chosen.clamp(max=log_q.shape[-1] - 1)
+            self.stats.record_posterior_factors(position, mass, log_q.gather(-1, chosen), redraw.gather(-1, chosen),
+                                                is_log)
 
     def _require_generation(self, what: str) -> None:
         if self.stats.mass is None or self.reference.ids is None:

@@ -279,6 +279,45 @@ def test_replaced_token_posterior_is_exact_under_greedy():
     torch.testing.assert_close(proc.replace_ratio(out), post.mean(-1))
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ExtrapolationConfig(criterion="logp_diff", threshold=-0.1, gamma=0.3),  # fast step, r in probability space
+        ExtrapolationConfig(criterion="logp_diff", threshold=-0.1, gamma=0.3, temperature=0.05),  # log-space rows
+        ExtrapolationConfig(criterion="random", threshold=0.4, gamma=0.2, proposal="rl"),
+        ExtrapolationConfig(criterion="entropy", threshold=1.0, gamma=0.2, top_p=0.8),  # the definition, log r
+    ],
+    ids=["fast", "fast-log-space", "random", "definition"],
+)
+def test_sampled_posterior_equals_an_independent_computation(cfg):
+    """P(redraw | the token drawn) = M r(y) / q(y) at every sampled position, from the full recompute in float64."""
+    rl, base = tiny_llama(0), tiny_llama(1)
+    inputs = left_padded_batch([4, 6, 3])
+    width = inputs["input_ids"].shape[1]
+    proc = DirectionalLogitsProcessor(base, cfg, attention_mask=inputs["attention_mask"], do_sample=True, eos_token_id=EOS)
+    tap = Tap()
+    torch.manual_seed(3)
+    out = rl.generate(**inputs, **NEUTRAL, do_sample=True, max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD,
+                      logits_processor=LogitsProcessorList([ForceEOS(width, [3, 100, 100]), tap, proc]))
+    expected = np.full((3, out.shape[1] - width), np.nan)
+    for ids, s_in in tap.calls:
+        step = ids.shape[1] - width
+        lb = full_prefix_logits(base, ids, inputs["attention_mask"])
+        lrl = s_in.log_softmax(-1)
+        lb = lb.masked_fill(torch.isneginf(lrl), float("-inf")).log_softmax(-1)
+        for i in range(3):
+            q, m, _, r = _np_q(lrl[i].double().numpy(), lb[i].double().numpy(), cfg)
+            y = int(out[i, ids.shape[1]])
+            expected[i, step] = m * r[y] / q[y] if q[y] > 0 else 0.0
+    post = proc.replaced_token_probability(out)
+    valid = ~torch.isnan(post)
+    assert valid.sum() > 12 and not valid[0, 4:].any()  # row 0 ends at its EOS (step 3), NaN after it
+    got = post[valid].double()
+    want = torch.from_numpy(expected)[valid]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert 0.0 < float(want.mean()) < 1.0 or cfg.criterion == "entropy"  # the posteriors vary: not trivially 0 / 1
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_bad_input_errors_name_the_argument():
     rl, base = tiny_llama(0), tiny_llama(1)
