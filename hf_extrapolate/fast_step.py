@@ -28,6 +28,7 @@ the base distribution exactly as `normalize_pair` does. `tests/test_fast_step.py
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ SAFE_PROBABILITY = 1e-30
 class FastStep:
     """What one step produced.
 
-    `scores` (B, V): log q (sampling) or the greedy scores, a fresh tensor; `mass` (B,): the replaced mass M;
+    `scores` (B, V): log q (sampling) or the greedy scores, a fresh tensor; `mass` (B,): the replaced mass M (under
+    greedy decoding on CPU a tensor shared between steps with the same pattern: read it, never modify it);
     `redraw` (B, V): the replacement distribution r, in probability space when `redraw_is_log` is False, as log r
     otherwise (None under greedy decoding) -- a workspace buffer, valid until the next call with the same workspace;
     `finite`: True when both models' scores and the result are known to be usable, else a (B,) tensor that is finite
@@ -98,9 +100,19 @@ def _difference(config: ExtrapolationConfig, rl: torch.Tensor, base: torch.Tenso
     return torch.sub(rl, base, out=out) if rl_minus_base else torch.sub(base, rl, out=out)
 
 
+@functools.lru_cache(maxsize=64)
 def _float32(value: float) -> float:
     """`value` rounded to float32, as torch compares a float32 tensor with a Python number."""
     return struct.unpack("f", struct.pack("f", value))[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _indicator(fire: tuple[bool, ...], device: torch.device) -> torch.Tensor:
+    """The float32 0 / 1 tensor of `fire` (one per pattern and device, shared: callers never modify it). Building
+    a tensor from a Python list costs as much as a (B, V) pass in the decoding loop; batches repeat few patterns."""
+    tensor = torch.tensor(fire, dtype=torch.float32, device=device)
+    tensor.requires_grad_(False)
+    return tensor
 
 
 def _extrapolated(config: ExtrapolationConfig, rl: torch.Tensor, base: torch.Tensor, ws) -> torch.Tensor:
@@ -225,7 +237,7 @@ def _greedy(
         finite = all(math.isfinite(row[0]) and (math.isfinite(row[1]) or row[1] == -math.inf) for row in values)
         if not finite:
             finite = (rl0 + base0.clamp(min=LOG_TINY)).squeeze(-1)
-        mass = torch.tensor(fire, dtype=torch.float32, device=rl.device)
+        mass = _indicator(tuple(fire), rl.device) if rows <= 8 else torch.tensor(fire, device=rl.device)
         fired = [i for i, f in enumerate(fire) if f]
         if not fired:  # the common case: no row is replaced, the scores are log p
             return FastStep(log_p, mass, None, True, finite)
