@@ -413,6 +413,70 @@ def processor_math_share(rl, base, inputs: dict, n: int, do_sample: bool, device
     }
 
 
+def outside_base_forward(rl, base, inputs: dict, n: int, do_sample: bool, device: str, repeats: int = 3
+                         ) -> dict[str, float]:
+    """Per step, the time the `minimal` and the `directional` processor spend outside the base model's forward
+    (forward hooks on the base; the directional figure includes the base cache's bookkeeping, the step math and the
+    statistics), and the minimal loop's step time; the median of `repeats` instrumented runs of each, interleaved.
+
+    `directional_vs_minimal_from_parts = 1 + (directional - minimal) / minimal step`: what the processor adds to the
+    minimal loop, read from the parts that differ, free of the forward-time drift between separately timed runs
+    (which on a shared 2-core box spreads end-to-end ratios over several per cent).
+    """
+    outside: dict[str, list[float]] = {"minimal": [], "directional": []}
+    steps: list[float] = []
+    state = {"base": 0.0, "proc": 0.0, "start": 0.0}
+
+    def pre(module, args, kwargs):
+        synchronize(device)
+        state["start"] = time.perf_counter()
+
+    def post(module, args, kwargs, output):
+        synchronize(device)
+        state["base"] += time.perf_counter() - state["start"]
+
+    class Clocked(LogitsProcessor):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, input_ids, scores):
+            synchronize(device)
+            start = time.perf_counter()
+            out = self.inner(input_ids, scores)
+            synchronize(device)
+            state["proc"] += time.perf_counter() - start
+            return out
+
+    handles = [base.register_forward_pre_hook(pre, with_kwargs=True),
+               base.register_forward_hook(post, with_kwargs=True)]
+    try:
+        for _ in range(repeats):
+            for kind in ("minimal", "directional"):
+                if kind == "minimal":
+                    proc = MinimalTwoModelProcessor(base, inputs["attention_mask"])
+                else:
+                    proc = DirectionalLogitsProcessor(base, CONFIG, attention_mask=inputs["attention_mask"],
+                                                      do_sample=do_sample)
+                state["base"] = state["proc"] = 0.0
+                torch.manual_seed(0)
+                wall, _, _ = timed(lambda proc=proc: rl.generate(
+                    **inputs, **gen_kwargs(n, do_sample), logits_processor=LogitsProcessorList([Clocked(proc)])),
+                    device)
+                outside[kind].append((state["proc"] - state["base"]) / n)
+                if kind == "minimal":
+                    steps.append(wall / n)
+    finally:
+        for h in handles:
+            h.remove()
+    minimal, directional, step = (statistics.median(v) for v in (outside["minimal"], outside["directional"], steps))
+    return {
+        "minimal_outside_base_ms": 1e3 * minimal,
+        "directional_outside_base_ms": 1e3 * directional,
+        "minimal_step_ms": 1e3 * step,
+        "directional_vs_minimal_from_parts": 1.0 + (directional - minimal) / step,
+    }
+
+
 def count_cuda_syncs(base, inputs: dict, steps: int = 16) -> dict[str, Any]:
     """Host-device synchronisations per decoding step, counted with `torch.cuda.set_sync_debug_mode("warn")`:
     of the base model's cached forward (`ReferenceModel`, which includes transformers' own forward), and of the
@@ -521,6 +585,8 @@ def run_grid(
                     processor_math_share(rl, base, inputs, n, do_sample, setting.device)
                     if "directional" in names else None
                 )
+                if share is not None and "minimal" in names:
+                    share.update(outside_base_forward(rl, base, inputs, n, do_sample, setting.device))
                 chosen = cpu if setting.clock == "process" else wall
                 median = {r: statistics.median(t) for r, t in chosen.items()}
                 block = []
@@ -565,6 +631,8 @@ def run_grid(
                 if share is not None:
                     math_rows.append({"batch": batch, "new_tokens": n, "mode": mode, **share})
                     summary["directional_vs_rl_plus_base_predicted"] = share["predicted_ratio"]
+                    if "directional_vs_minimal_from_parts" in share:
+                        summary["directional_vs_minimal_from_parts"] = share["directional_vs_minimal_from_parts"]
                 results += block
                 summaries.append(summary)
                 log(format_block(block, summary, share))
@@ -632,13 +700,15 @@ def markdown_table(report: dict) -> str:
         ratios.append([str(key[0]), str(key[1]), key[2],
                        fmt(s.get("directional_vs_rl_plus_base")), fmt(s.get("directional_vs_rl_plus_base_paired")),
                        fmt(s.get("directional_vs_minimal_paired"), "{:.3f}"),
+                       fmt(s.get("directional_vs_minimal_from_parts"), "{:.3f}"),
                        fmt(s.get("directional_vs_rl_plus_base_predicted"), "{:.3f}"),
                        fmt(m["processor_math_share"] * 100 if m else None, "{:.1f}%"),
                        fmt(s.get("lora_fused_vs_peft")), fmt(s.get("lora_fallback_vs_peft")),
                        fmt(s.get("lora_fused_memory_vs_peft")), fmt(s.get("naive_vs_rl_plus_base"))])
     lines = table(["batch", "tokens", "mode"] + [f"{c} tok/s (x rl)" for c in cols], speed)
     lines += [""] + table(
-        ["batch", "tokens", "mode", "dir / (rl+base)", "paired", "dir / minimal", "predicted", "processor math",
+        ["batch", "tokens", "mode", "dir / (rl+base)", "paired", "dir / minimal", "dir / minimal (parts)", "predicted",
+         "processor math",
          "fused / peft",
          "fallback / peft", "fused peak mem / peft", "naive / (rl+base)"], ratios)
     return "\n".join(lines)

@@ -13,6 +13,12 @@ Same prompts, same random-initialised Llama pair (saved to a temporary folder), 
 - `reference_v1`: the same with prefix caching on (vLLM V1's default today): the re-sent prefix is found in the
   cache, so each call costs one engine round trip and a one-token prefill per engine.
 
+Lengths past `--reference-max-tokens` are not run in full for `reference_v0` (hours on a CPU at a paper-like batch)
+but estimated (`reference_v0_estimated_*`): with prefix caching off a step's cost depends only on the current prefix
+length, so `--probe-steps` steps are timed at each of `--probe-points` evenly spaced prefix lengths and the per-step
+time is integrated over the run (trapezoid rule). `--validate-estimate` also estimates the lengths that are run in
+full and records the estimate's relative error beside the measured time.
+
 Run: `python benchmarks/bench_vllm.py --tokens 256 1024 --json out.json` in the [vllm] environment
 (`VLLM_CPU_KVCACHE_SPACE=1` on CPU). Engines run eagerly (`enforce_eager`) on CPU. The load average
 (`os.getloadavg`) is recorded before and after each mode.
@@ -83,7 +89,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--reference-max-tokens", type=int, default=1024)
+    parser.add_argument("--reference-max-tokens", type=int, default=1024,
+                        help="longer reference_v0 runs are estimated from timed steps (see above)")
+    parser.add_argument("--probe-points", type=int, default=5)
+    parser.add_argument("--probe-steps", type=int, default=2)
+    parser.add_argument("--validate-estimate", action="store_true")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -120,8 +130,13 @@ def main() -> None:
             for mode in MODES:
                 if (mode, n) in times:
                     row[f"{mode}_tok_s"] = tokens / times[mode, n]
+            if ("reference_v0_estimated", n) in times:
+                row["reference_v0_estimated_tok_s"] = tokens / times["reference_v0_estimated", n]
+                if ("reference_v0", n) in times:
+                    row["reference_v0_estimate_relative_error"] = (
+                        times["reference_v0_estimated", n] / times["reference_v0", n] - 1.0)
             if "directional_tok_s" in row:
-                for other in ("plain", "reference_v0", "reference_v1"):
+                for other in ("plain", "reference_v0", "reference_v1", "reference_v0_estimated"):
                     if f"{other}_tok_s" in row:
                         row[f"directional_over_{other}"] = row["directional_tok_s"] / row[f"{other}_tok_s"]
             results["rows"].append(row)
@@ -156,6 +171,21 @@ def main() -> None:
                 lambda: directional.generate(prompts, params(8), use_tqdm=False))
         del directional
 
+    def reference_steps(reference):
+        """Seconds per reference step (mean of `--probe-steps`) when every row holds `generated` new tokens."""
+        def per_step(generated: int) -> float:
+            filler = np.random.default_rng(generated)
+            rows = [list(p["prompt_token_ids"]) + filler.integers(3, args.vocab, generated).tolist() for p in prompts]
+            return timed(lambda: reference(args.probe_steps, rows=rows)) / args.probe_steps
+        return per_step
+
+    def estimate_reference(per_step, n: int) -> float:
+        """Trapezoid integral over the run's steps 0..n-1 of the per-step time probed at evenly spaced points."""
+        points = sorted({round(i * (n - 1) / (args.probe_points - 1)) for i in range(args.probe_points)})
+        cost = [per_step(t) for t in points]
+        return float(sum((b - a) * (ca + cb) / 2 for a, b, ca, cb in zip(points, points[1:], cost, cost[1:]))
+                     + (cost[0] + cost[-1]) / 2)
+
     step = SamplingParams(temperature=1.0, max_tokens=1, logprobs=50, detokenize=False)
     for mode in ("reference_v0", "reference_v1"):
         if mode not in args.modes:
@@ -166,8 +196,8 @@ def main() -> None:
         results.setdefault("prefix_caching", {})[mode] = [
             e.llm_engine.vllm_config.cache_config.enable_prefix_caching for e in (rl_llm, base_llm)]
 
-        def reference(n: int, rl_llm=rl_llm, base_llm=base_llm) -> None:
-            rows = [list(p["prompt_token_ids"]) for p in prompts]
+        def reference(n: int, rl_llm=rl_llm, base_llm=base_llm, rows=None) -> None:
+            rows = [list(p["prompt_token_ids"]) for p in prompts] if rows is None else rows
             for _ in range(n):
                 batch = [{"prompt_token_ids": r} for r in rows]
                 rl_out = rl_llm.generate(batch, step, use_tqdm=False)
@@ -177,9 +207,16 @@ def main() -> None:
                                               0.7))
 
         measure(mode, reference, lambda reference=reference: reference(2))
+        if mode == "reference_v0":
+            estimate = [n for n in args.tokens if n > args.reference_max_tokens or args.validate_estimate]
+            for n in estimate:
+                times["reference_v0_estimated", n] = estimate_reference(reference_steps(reference), n)
+                print("reference_v0_estimated", n, round(times["reference_v0_estimated", n], 2), "s", flush=True)
+            dump()
         del rl_llm, base_llm
 
     dump(final=True)
+
 
 if __name__ == "__main__":
     main()

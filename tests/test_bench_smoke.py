@@ -32,10 +32,12 @@ def test_quick_benchmark_writes_all_rows(tmp_path):
             for key in ("seconds", "tokens_per_s", "ratio_to_rl", "peak_memory_mb"):
                 assert _positive(r[key]), (config, r["row"], key, r[key])
     for s in report["summary"]:
-        for key in ("directional_vs_rl_plus_base", "directional_vs_minimal", "lora_fused_vs_peft", "lora_fallback_vs_peft",
-                    "lora_fused_memory_vs_peft"):
+        for key in ("directional_vs_rl_plus_base", "directional_vs_minimal", "directional_vs_minimal_from_parts",
+                    "lora_fused_vs_peft", "lora_fallback_vs_peft", "lora_fused_memory_vs_peft"):
             assert _positive(s[key]), (s, key)
     assert report["processor_math"] and all(_positive(m["step_ms"]) for m in report["processor_math"])
+    for m in report["processor_math"]:  # the directional processor does more outside the base forward than minimal
+        assert 0 < m["minimal_outside_base_ms"] < m["directional_outside_base_ms"] < m["minimal_step_ms"], m
     ops = report["operators_per_step"]  # the minimal loop feeds one token (a handful of ops); the processor does more
     for mode in ("greedy", "sample"):
         assert 0 < ops[mode]["minimal"] < ops[mode]["directional"], ops
