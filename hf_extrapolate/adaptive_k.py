@@ -7,6 +7,10 @@ model over k positions (cost `c(k)`). With a per-position fire probability f, a 
 
 tokens, so the choice is `argmax_k A(k) / (k d + c(k))` over 1..k_max.
 
+With the early stop (`lookahead.early_stop_rule`: the fire decisions are known from the proposer alone), a round
+drafts n = the max over the R rows of each row's need min(first fire + 1, k) instead of k, with
+`P(n <= m) = (1 - (1 - f)^m)^R` for m < k, so the choice is `argmax_k A(k) / E[n d + c(n)]` (`expected_cost`).
+
 - f is estimated from the rounds so far: fires / checked positions up to each row's first fire (the geometric
   likelihood), with a prior of `prior_fires / prior_positions` (5% over 20 positions).
 - d is the mean time of one draft step; c(n) the mean time of a check over n positions (the other model's forward,
@@ -33,6 +37,14 @@ def expected_accepted(rate: float, k: int) -> float:
     if rate >= 1.0:
         return 1.0
     return (1.0 - (1.0 - rate) ** k) / rate
+
+
+def drafted_distribution(rate: float, k: int, rows: int) -> list[float]:
+    """P(n = m) for m = 1..k: the positions a round of at most k drafts covers with the early stop, over `rows` rows
+    that fire independently at rate f per position (each row needs min(first fire + 1, k) positions)."""
+    rate = min(max(rate, 0.0), 1.0)
+    below = [(1.0 - (1.0 - rate) ** m) ** rows for m in range(k)] + [1.0]  # P(n <= m), m = 0..k
+    return [below[m] - below[m - 1] for m in range(1, k + 1)]
 
 
 class AdaptiveLookahead:
@@ -111,15 +123,24 @@ class AdaptiveLookahead:
         lo = max(x for x in xs if x < n)
         return points[lo] + (points[hi] - points[lo]) * (n - lo) / (hi - lo)
 
-    def choose(self, rows: int = 1) -> int:
-        """The k of the next round for `rows` rows (k_start until a round has been timed)."""
+    def expected_cost(self, k: int, rows: int = 1, early_stop: bool = False) -> float:
+        """The expected seconds of a round of at most k drafts: `k d + c(k)`, or with the early stop
+        `sum_m P(n = m) (m d + c(m))` (`drafted_distribution` at the current fire rate)."""
+        d = self.draft_cost(rows)
+        if not early_stop:
+            return k * d + self.check_cost(k, rows)
+        probs = drafted_distribution(self.rate, k, rows)
+        return sum(prob * (m * d + self.check_cost(m, rows)) for m, prob in enumerate(probs, start=1) if prob > 0)
+
+    def choose(self, rows: int = 1, early_stop: bool = False) -> int:
+        """The k of the next round for `rows` rows (k_start until a round has been timed); `early_stop`: rounds
+        stop drafting at the rows' first fires (see `expected_cost`)."""
         if not self.draft_steps:
             return self.k_start
-        d = self.draft_cost(rows)
         rate = self.rate
         best, best_value = 1, -math.inf
         for k in range(1, self.k_max + 1):
-            value = expected_accepted(rate, k) / (k * d + self.check_cost(k, rows))
+            value = expected_accepted(rate, k) / self.expected_cost(k, rows, early_stop)
             if value > best_value * (1.0 + 1e-9):
                 best, best_value = k, value
         return best

@@ -41,7 +41,7 @@ from .cache_compat import cache_kwargs
 from .config import ExtrapolationConfig
 from .criteria import fires
 from .directional import _view_fire_weight, directional_step_with_replacement, normalize_pair, shown_to_proposal
-from .distributions import NEG_INF, warp_logprobs
+from .distributions import NEG_INF, entropy, warp_logprobs
 from .processor import shared_vocab_size
 from .statistics import generated_mask
 
@@ -152,6 +152,28 @@ def fires_at_drafts(
     return mask.gather(-1, y).squeeze(-1), (log_p.exp() * mask).sum(-1)
 
 
+def early_stop_rule(config: ExtrapolationConfig, greedy: bool) -> str | None:
+    """How a round's drafting can stop at each row's first fired position without the other model, or None.
+
+    - "random": sampling with `random`: the fire decisions are i.i.d. Bernoulli(threshold), independent of the
+      tokens, so one uniform per position is drawn before drafting (greedy `random` fires on `mass`: None);
+    - "always" / "never": constant;
+    - "entropy": a position-level criterion on the proposal's own distribution (`entropy` = H(pi_base) with the base
+      proposing, `rl_entropy` = H(pi_rl) with the RL model proposing), read from the proposer's logits.
+    None for `view_top_k`, token-level criteria and criteria that need both distributions.
+    """
+    if config.view_top_k is not None:
+        return None
+    criterion = config.criterion
+    if criterion == "random":
+        return None if greedy else "random"
+    if criterion in ("always", "never"):
+        return criterion
+    if (criterion, config.proposal) in (("entropy", "base"), ("rl_entropy", "rl")):
+        return "entropy"
+    return None
+
+
 def _clock(device: torch.device) -> float:
     """Seconds for timing a round's phases: process CPU time on CPU (steady on a shared host), the wall clock after a
     synchronisation on an accelerator (only `lookahead="auto"` times anything)."""
@@ -184,6 +206,7 @@ def lookahead_decode(
     output_posterior: bool = True,
     generator: torch.Generator | None = None,
     chooser: AdaptiveLookahead | None = None,
+    early_stop: bool = True,
 ) -> dict[str, Any]:
     """Exact lookahead decoding of the directional step distribution. Returns a dict with
     `sequences` (R, P + T), `scores` / `logits` (tuples of (R, V) per generated position, or None),
@@ -195,6 +218,13 @@ def lookahead_decode(
     fallback turns the adapter off in it). Temperature / top-k / top-p are `config`'s (applied inside).
     `lookahead` is k, or "auto" to choose k per round (`hf_extrapolate.adaptive_k`) with `chooser` (a new one when
     None; pass the same one to later calls to reuse its measured costs).
+
+    `early_stop` (default True): for a criterion whose firing is decided without the other model
+    (`early_stop_rule`), a round stops drafting once every row has reached its first fired position (or its
+    budget): n is then the max of the rows' needs rather than k, the draft at a fired position is never drawn, and
+    the check covers the n positions. The stop is a stopping time of what the round has drawn so far (the fire
+    decisions at the drafted positions are the same ones the round then uses), so the output distribution is the
+    same; False drafts k every round (the plain path, for comparisons).
     """
     k_arg = check_lookahead(lookahead)
     if k_arg == "auto":
@@ -221,6 +251,7 @@ def lookahead_decode(
     # criteria, and in greedy mode; otherwise a round computes the fire decisions and M (nothing for `random`) and
     # the redraw distribution at each row's first fired position only
     full_math = output_scores or output_posterior or has_stopping or greedy or config.view_top_k is not None
+    rule = early_stop_rule(config, greedy) if early_stop else None
     rl_runner = _Forward(rl_model, None)
     base_runner = _Forward(base_model, base_context)
     proposer, checker = (base_runner, rl_runner) if config.proposal == "base" else (rl_runner, base_runner)
@@ -257,23 +288,41 @@ def lookahead_decode(
 
     while max_new_tokens > 0 and active.numel() > 0:
         rows = active.numel()
-        k = chooser.choose(rows) if chooser is not None else k_max
-        n = int(min(k, int((max_new_tokens - count).max())))
+        remaining = max_new_tokens - count
+        k = chooser.choose(rows, early_stop=rule is not None) if chooser is not None else k_max
+        n = n_cap = int(min(k, int(remaining.max())))
         slots = slot_mask.shape[1]
-        # 1. draft n tokens from p, one proposal forward each
+        # 1. draft up to n tokens from p, one proposal forward each; with an early-stop rule, stop once no row is
+        # still drafting (each row drafts up to its first fired position or its budget, whichever comes first)
         if chooser is not None:
             t0 = _clock(device)
+        if rule == "random":  # the round's fire decisions, drawn before its drafts (those past the stop are unused)
+            uniforms = torch.rand((rows, n_cap), device=device, generator=generator)
+        drafting = torch.ones(rows, dtype=torch.bool, device=device)
+        deferred = None  # log p at the last position when its draft is drawn only if a row keeps it
         tokens = [pending]
         prop_logits = []
-        for i in range(n):
+        for i in range(n_cap):
             step_mask = torch.cat([slot_mask, slot_mask.new_ones(rows, i + 1)], dim=1)
             if first_logits is not None:  # round 1: the proposer has read the pending token in its prefill
                 logits, first_logits = first_logits, None
             else:
                 logits = proposer(tokens[-1][:, None], step_mask, (next_pos + i)[:, None], keep=1)[:, -1]
             prop_logits.append(logits)
-            log_p = warp_logprobs(torch.log_softmax(logits[:, :shared].float(), dim=-1), config.temperature,
-                                  config.top_k, config.top_p, normalized=True)
+            raw = torch.log_softmax(logits[:, :shared].float(), dim=-1)
+            log_p = warp_logprobs(raw, config.temperature, config.top_k, config.top_p, normalized=True)
+            if rule is not None:
+                if rule == "random":
+                    fire_i = uniforms[:, i] < config.threshold
+                elif rule == "entropy":  # H of the proposal's raw distribution, as `criteria.position_metric`
+                    fire_i = entropy(raw) > config.threshold
+                else:
+                    fire_i = torch.full((rows,), rule == "always", dtype=torch.bool, device=device)
+                drafting = drafting & ~fire_i & (remaining > i + 1)
+                if i + 1 == n_cap or not bool(drafting.any()):
+                    n, deferred = i + 1, log_p
+                    tokens.append(torch.zeros_like(pending))  # placeholder, drawn below where a row keeps it
+                    break
             tokens.append(log_p.argmax(-1) if greedy else sample_from_logprobs(log_p, generator))
         drafts = torch.stack(tokens[1:], dim=1)  # (rows, n)
         fed = torch.stack(tokens[:n], dim=1)  # (rows, n): pending, y_1..y_{n-1}
@@ -297,7 +346,10 @@ def lookahead_decode(
         if greedy:
             fire = mass > 0.5
         elif config.criterion == "random":
-            fire = torch.rand(rows * n, device=device, generator=generator) < config.threshold
+            if rule == "random":
+                fire = uniforms[:, :n].reshape(-1) < config.threshold
+            else:
+                fire = torch.rand(rows * n, device=device, generator=generator) < config.threshold
             if not full_math:
                 mass = torch.full((rows * n,), config.threshold, device=device)
         else:
@@ -308,6 +360,9 @@ def lookahead_decode(
         any_fire = fire.any(-1)
         first = torch.where(any_fire, fire.float().argmax(-1), torch.full_like(pending, n))  # (rows,)
         accepted = torch.where(any_fire, first + 1, first)  # emitted tokens this round
+        if deferred is not None and bool(((first == n) & (remaining >= n)).any()):
+            # a row keeps its last draft: draw it now (the fire decisions do not depend on it: position-level)
+            drafts[:, n - 1] = deferred.argmax(-1) if greedy else sample_from_logprobs(deferred, generator)
         # the redraw at the first fired position of each row
         idx = torch.arange(rows, device=device) * n + first.clamp(max=n - 1)
         if not full_math:
