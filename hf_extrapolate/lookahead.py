@@ -14,6 +14,14 @@ Each emitted token then has exactly the distribution of the step-by-step process
 a draw from p on which the criterion did not fire, a redraw is a draw from r where it fired, and the dropped drafts
 were never looked at by anything that is kept. Greedy decoding is the same with argmax.
 
+Early stop (`early_stop_rule`): when the criterion's firing is decided without the other model (`random` in
+sampling mode, with the round's uniforms drawn before its drafts; `always` / `never`; `entropy` with the base proposing,
+`rl_entropy` with the RL model proposing, from the proposer's logits), drafting stops once every row has reached its
+first fired position: a round drafts n = the max of the rows' needs instead of k, and the draft at a fired position is
+never drawn. At batch > 1 a round can instead stop at the first fire of any row (`stop_any`): every row then emits all
+n positions. Either stop is a stopping time of what the round has drawn so far, and the round still applies the fire
+decisions computed from both models (the same ones), so the distribution is unchanged.
+
 Rows go at their own pace: the n new cache slots are attended by a row only up to its accepted prefix (the rest are
 masked out in both caches, and position ids continue from the accepted count); trailing slots that no row accepted
 are cropped, so at batch 1 the caches simply roll back.
@@ -36,7 +44,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .adaptive_k import AdaptiveLookahead
+from .adaptive_k import AdaptiveLookahead, default_stop_any
 from .cache_compat import cache_kwargs
 from .config import ExtrapolationConfig
 from .criteria import fires
@@ -207,12 +215,14 @@ def lookahead_decode(
     generator: torch.Generator | None = None,
     chooser: AdaptiveLookahead | None = None,
     early_stop: bool = True,
+    stop_any: bool | None = None,
 ) -> dict[str, Any]:
     """Exact lookahead decoding of the directional step distribution. Returns a dict with
     `sequences` (R, P + T), `scores` / `logits` (tuples of (R, V) per generated position, or None),
     `mass` (R, T) the replaced mass M of every generated position, `posterior` (R, T) the probability that the token
     was a redraw (`M r(y) / q(y)`; 0/1 greedy; zeros with `output_posterior=False`, which skips computing it) and
-    `stats` (rounds, drafted, accepted, and `k`: the k of every round).
+    `stats` (rounds, drafted, accepted, `k`: the positions of every round, `stop_any`: the rounds that stopped at
+    the first fire of any row).
 
     `input_ids` (R, P) left-padded with `attention_mask` (R, P); `base_context` wraps every base forward (the LoRA
     fallback turns the adapter off in it). Temperature / top-k / top-p are `config`'s (applied inside).
@@ -224,7 +234,11 @@ def lookahead_decode(
     budget): n is then the max of the rows' needs rather than k, the draft at a fired position is never drawn, and
     the check covers the n positions. The stop is a stopping time of what the round has drawn so far (the fire
     decisions at the drafted positions are the same ones the round then uses), so the output distribution is the
-    same; False drafts k every round (the plain path, for comparisons).
+    same; False drafts k every round (the plain path, for comparisons). At batch > 1 an early-stopping round can
+    also stop at the first position where ANY row fires (`stop_any`): every row then emits all n positions (n - 1
+    drafts and its redraw, or n drafts) and no draft is dropped, at the price of more checks. None chooses per round
+    (`AdaptiveLookahead.plan` with "auto"; `adaptive_k.default_stop_any` at the fire rate so far with a fixed k);
+    True / False force it.
     """
     k_arg = check_lookahead(lookahead)
     if k_arg == "auto":
@@ -252,6 +266,7 @@ def lookahead_decode(
     # the redraw distribution at each row's first fired position only
     full_math = output_scores or output_posterior or has_stopping or greedy or config.view_top_k is not None
     rule = early_stop_rule(config, greedy) if early_stop else None
+    seen_fires, seen_positions = 1.0, 20.0  # the fire rate so far (prior 5% over 20 positions): fixed k's stop rule
     rl_runner = _Forward(rl_model, None)
     base_runner = _Forward(base_model, base_context)
     proposer, checker = (base_runner, rl_runner) if config.proposal == "base" else (rl_runner, base_runner)
@@ -279,7 +294,7 @@ def lookahead_decode(
     post_out = torch.zeros(total_rows, max_new_tokens, device=device)
     scores_out: list | None = [] if output_scores else None  # per round: (row index, position, (m, V) values)
     logits_out: list | None = [] if output_logits else None
-    stats: dict[str, Any] = {"rounds": 0, "drafted": 0, "accepted": 0, "k": []}
+    stats: dict[str, Any] = {"rounds": 0, "drafted": 0, "accepted": 0, "k": [], "stop_any": 0}
     ar = torch.arange(k_max, device=device)
     if streamer is not None:
         if total_rows > 1:
@@ -289,11 +304,18 @@ def lookahead_decode(
     while max_new_tokens > 0 and active.numel() > 0:
         rows = active.numel()
         remaining = max_new_tokens - count
-        k = chooser.choose(rows, early_stop=rule is not None) if chooser is not None else k_max
+        if chooser is not None:
+            k, any_fire_stops = chooser.plan(rows, early_stop=rule is not None)
+        else:
+            k = k_max
+            any_fire_stops = rule is not None and default_stop_any(seen_fires / seen_positions, k_max, rows)
+        if stop_any is not None:
+            any_fire_stops = rule is not None and rows > 1 and stop_any
         n = n_cap = int(min(k, int(remaining.max())))
         slots = slot_mask.shape[1]
         # 1. draft up to n tokens from p, one proposal forward each; with an early-stop rule, stop once no row is
-        # still drafting (each row drafts up to its first fired position or its budget, whichever comes first)
+        # still drafting (each row drafts up to its first fired position or its budget, whichever comes first), or
+        # with `stop_any` at the first position where any row fires (then every row emits all n positions)
         if chooser is not None:
             t0 = _clock(device)
         if rule == "random":  # the round's fire decisions, drawn before its drafts (those past the stop are unused)
@@ -318,8 +340,9 @@ def lookahead_decode(
                     fire_i = entropy(raw) > config.threshold
                 else:
                     fire_i = torch.full((rows,), rule == "always", dtype=torch.bool, device=device)
+                fired_now = bool((fire_i & drafting).any()) if any_fire_stops else False
                 drafting = drafting & ~fire_i & (remaining > i + 1)
-                if i + 1 == n_cap or not bool(drafting.any()):
+                if i + 1 == n_cap or fired_now or not bool(drafting.any()):
                     n, deferred = i + 1, log_p
                     tokens.append(torch.zeros_like(pending))  # placeholder, drawn below where a row keeps it
                     break
@@ -417,6 +440,7 @@ def lookahead_decode(
         stats["drafted"] += rows * n
         stats["accepted"] += int(take.sum())
         stats["k"].append(n)
+        stats["stop_any"] += int(any_fire_stops)
         if chooser is not None:  # the check's cost includes the round's step math and bookkeeping; round 1's
             # times include the prefills: only its fire counts are used
             checked = int(torch.minimum(first + 1, torch.full_like(first, n)).sum())
@@ -424,6 +448,8 @@ def lookahead_decode(
             t2 = _clock(device)
             chooser.observe(checked, int(any_fire.sum()), n, t1 - t0 if timed else None, t2 - t1 if timed else None,
                             rows)
+        seen_fires += int(any_fire.sum())
+        seen_positions += int(torch.minimum(first + 1, torch.full_like(first, n)).sum())
         check_prefix = None
         count = count + take
         done = has_eos | (count >= max_new_tokens)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from hf_extrapolate.adaptive_k import AdaptiveLookahead, drafted_distribution, expected_accepted
+from hf_extrapolate.adaptive_k import (
+    AdaptiveLookahead,
+    any_drafted_distribution,
+    default_stop_any,
+    drafted_distribution,
+    expected_accepted,
+    round_value,
+)
 
 
 def first_fire_expectation(rate: float, k: int) -> float:
@@ -132,3 +139,27 @@ def test_choose_with_the_early_stop_maximises_expected_tokens_per_second(rows):
     assert chooser.choose(rows) == plain
     if rows == 1:  # a round costs what it emits plus one check: the longer the better
         assert best == 16 and plain < 16
+
+
+@pytest.mark.parametrize("rate,k,rows", [(0.05, 8, 4), (0.3, 5, 2), (0.0, 4, 3), (1.0, 4, 3)])
+def test_any_drafted_distribution(rate, k, rows):
+    probs = any_drafted_distribution(rate, k, rows)
+    assert len(probs) == k and sum(probs) == pytest.approx(1.0) and min(probs) >= 0.0
+    # stopping at the first fire of any of R rows is one row firing at 1 - (1 - f)^R: at most k, A(k) at that rate
+    mean = sum(m * p for m, p in enumerate(probs, start=1))
+    assert mean == pytest.approx(expected_accepted(1.0 - (1.0 - rate) ** rows, k))
+    assert any_drafted_distribution(rate, k, 1) == pytest.approx(drafted_distribution(rate, k, 1))
+
+
+def test_plan_chooses_k_and_the_stop_rule():
+    cost = {n: 1.0 for n in range(1, 17)}  # a check of any length costs one draft step
+    for rows, rate in ((4, 0.05), (64, 0.05), (4, 0.01)):
+        chooser = observed(rate, {})
+        for n in range(1, 17):
+            chooser.observe(0, 0, n, n * 1.0, cost[n], rows=rows)
+        options = [(k, s) for s in (False, True) for k in range(1, 17)]
+        best = max(options, key=lambda o: round_value(rate, o[0], rows, o[1], lambda m: m + cost[m]))
+        assert chooser.plan(rows, early_stop=True) == best
+        assert chooser.plan(rows, early_stop=False) == (chooser.choose(rows), False)
+    assert AdaptiveLookahead().plan(1, early_stop=True) == (8, False)  # untimed, one row: k_start
+    assert default_stop_any(0.05, 8, 4) and not default_stop_any(0.05, 8, 64) and not default_stop_any(0.05, 8, 1)

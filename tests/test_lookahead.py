@@ -457,13 +457,14 @@ def test_early_stop_rule_covers_only_criteria_decided_by_the_proposer():
     assert rule("random", view_top_k=3) is None and rule("entropy", "base", view_top_k=3) is None
 
 
-@pytest.mark.parametrize("early_stop", [True, False])
+@pytest.mark.parametrize("early_stop,stop_any", [(True, None), (True, True), (True, False), (False, None)])
 @pytest.mark.parametrize(
     "criterion,tau,proposal,k",
     [("random", 0.3, "rl", 4), ("random", 0.2, "base", "auto"), ("entropy", None, "base", 4),
      ("rl_entropy", None, "rl", 5), ("always", 0.0, "rl", 3), ("never", 0.0, "base", 3)],
 )
-def test_early_stop_sampled_scores_equal_full_recompute(pair, batch, criterion, tau, proposal, k, early_stop):
+def test_early_stop_sampled_scores_equal_full_recompute(pair, batch, criterion, tau, proposal, k, early_stop,
+                                                        stop_any):
     """Per-position values at batch 1 (where a round stops at the row's own first fire) and batch 3: log q at every
     emitted position equals a full recompute, M is the criterion's, every emitted token has q > 0."""
     rl, base = pair
@@ -477,8 +478,12 @@ def test_early_stop_sampled_scores_equal_full_recompute(pair, batch, criterion, 
     for ids, mask, seed in cases:
         torch.manual_seed(seed)
         out = _decode(rl, base, ids, mask, cfg, lookahead=k, do_sample=True, max_new_tokens=11, output_scores=True,
-                      early_stop=early_stop)
+                      early_stop=early_stop, stop_any=stop_any)
         assert out["sequences"].shape == (ids.shape[0], prompt + 11)
+        if ids.shape[0] > 1 and early_stop and stop_any:  # every row emits every drafted position
+            assert out["stats"]["stop_any"] == out["stats"]["rounds"]
+            if criterion in ("random", "rl_entropy"):  # the fire decisions drafting stopped on are the round's
+                assert out["stats"]["drafted"] == out["stats"]["accepted"]
         ref = full_recompute_scores(rl, base, out["sequences"], mask, cfg, prompt)
         for t, (s, r) in enumerate(zip(out["scores"], ref, strict=True)):
             torch.testing.assert_close(s, r, atol=1e-5, rtol=1e-5)
@@ -606,3 +611,30 @@ def test_early_stop_sampling_distribution_equals_exact_enumeration(criterion, pr
         assert drafted < 0.9 * positions  # the early stop was taken
     wrong = kept_draft_at_fire_samples(tables, n, torch.Generator().manual_seed(2))
     assert chi_square_pvalue(wrong, probs) < 1e-6
+
+
+@pytest.mark.parametrize("criterion,proposal,stop_any", [("random", "rl", True), ("rl_entropy", "rl", True),
+                                                         ("random", "rl", False)])
+def test_early_stop_batch_4_distribution_equals_exact_enumeration(criterion, proposal, stop_any):
+    """Batch 4: a round stops at the first fire of any row (`stop_any`, every row emits all n) or of every row."""
+    rl = tiny_llama(0, vocab_size=SMALL_VOCAB, **PEAKY)
+    base = tiny_llama(1, vocab_size=SMALL_VOCAB, **PEAKY)
+    prompt = (1, 4, 3)
+    tau = 0.3 if criterion == "random" else median_entropy(rl, base, prompt, proposal)
+    cfg = ExtrapolationConfig(criterion=criterion, threshold=tau, proposal=proposal, gamma=0.5)
+    probs = exact_distribution(exact_tables(rl, base, prompt, cfg))
+    ids = torch.tensor([prompt]).repeat(4, 1)
+    torch.manual_seed(3)
+    samples, drafted, accepted, any_rounds = [], 0, 0, 0
+    for _ in range(400):
+        out = _decode(rl, base, ids, None, cfg, lookahead=3, do_sample=True, max_new_tokens=STEPS, eos_token_id=EOS,
+                      output_posterior=False, stop_any=stop_any)
+        samples += [outcome(row) for row in out["sequences"][:, len(prompt):].tolist()]
+        st = out["stats"]
+        drafted, accepted = drafted + st["drafted"], accepted + st["accepted"]
+        any_rounds += st["stop_any"]  # rows that ended (EOS) leave: a round of one row is a plain early stop
+        assert st["stop_any"] <= st["rounds"] and (stop_any or st["stop_any"] == 0)
+    assert chi_square_pvalue(samples, probs) > 1e-3
+    assert (any_rounds > 400) == stop_any
+    if stop_any and criterion == "random":
+        assert accepted > 0.9 * drafted  # only EOS drops drafts
