@@ -7,6 +7,13 @@ model over k positions (cost `c(k)`). With a per-position fire probability f, a 
 
 tokens, so the choice is `argmax_k A(k) / (k d + c(k))` over 1..k_max.
 
+With the early stop (`lookahead.early_stop_rule`: the fire decisions are known from the proposer alone), a round
+drafts n = the max over the R rows of each row's need min(first fire + 1, k) instead of k, with
+`P(n <= m) = (1 - (1 - f)^m)^R` for m < k, so the choice is `argmax_k A(k) / E[n d + c(n)]` (`expected_cost`).
+At R > 1 a round can instead stop at the first position where ANY row fires (`stop_any`): then every row emits all n
+positions (n - 1 drafts and the redraw, or n drafts), nothing drafted is dropped, and `P(n <= m) = 1 - (1 - f)^(R m)`
+for m < k; a round emits R E[n] tokens for `E[n d + c(n)]`. `plan` chooses k and the stop rule together.
+
 - f is estimated from the rounds so far: fires / checked positions up to each row's first fire (the geometric
   likelihood), with a prior of `prior_fires / prior_positions` (5% over 20 positions).
 - d is the mean time of one draft step; c(n) the mean time of a check over n positions (the other model's forward,
@@ -24,6 +31,7 @@ samples from run to run; greedy tokens do not depend on k. This module does not 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 
 def expected_accepted(rate: float, k: int) -> float:
@@ -33,6 +41,43 @@ def expected_accepted(rate: float, k: int) -> float:
     if rate >= 1.0:
         return 1.0
     return (1.0 - (1.0 - rate) ** k) / rate
+
+
+def drafted_distribution(rate: float, k: int, rows: int) -> list[float]:
+    """P(n = m) for m = 1..k: the positions a round of at most k drafts covers with the early stop, over `rows` rows
+    that fire independently at rate f per position (each row needs min(first fire + 1, k) positions)."""
+    rate = min(max(rate, 0.0), 1.0)
+    below = [(1.0 - (1.0 - rate) ** m) ** rows for m in range(k)] + [1.0]  # P(n <= m), m = 0..k
+    return [below[m] - below[m - 1] for m in range(1, k + 1)]
+
+
+def any_drafted_distribution(rate: float, k: int, rows: int) -> list[float]:
+    """P(n = m) for m = 1..k when a round stops at the first position where any of `rows` rows fires (rate f each,
+    independently) or at k."""
+    rate = min(max(rate, 0.0), 1.0)
+    below = [1.0 - (1.0 - rate) ** (rows * m) for m in range(k)] + [1.0]
+    return [below[m] - below[m - 1] for m in range(1, k + 1)]
+
+
+def round_value(rate: float, k: int, rows: int, stop_any: bool, cost: Callable[[int], float]) -> float:
+    """Expected tokens per second of an early-stopping round of at most k drafts over `rows` rows, where `cost(m)`
+    is the seconds of a round over m positions (m drafts and the check): every row emits A(k) tokens when the round
+    stops once all rows fired (`stop_any=False`), all n when it stops at the first fire of any row."""
+    if stop_any:
+        probs = any_drafted_distribution(rate, k, rows)
+        tokens = rows * sum(m * prob for m, prob in enumerate(probs, start=1))
+    else:
+        probs = drafted_distribution(rate, k, rows)
+        tokens = rows * expected_accepted(rate, k)
+    return tokens / sum(prob * cost(m) for m, prob in enumerate(probs, start=1) if prob > 0)
+
+
+def default_stop_any(rate: float, k: int, rows: int) -> bool:
+    """The stop rule of a fixed-k early-stopping round when nothing is timed: a check over n positions assumed to
+    cost one draft step (a chunk forward, about right for small chunks), the rule with more tokens per second."""
+    if rows <= 1:
+        return False  # the same round either way
+    return round_value(rate, k, rows, True, lambda m: m + 1.0) > round_value(rate, k, rows, False, lambda m: m + 1.0)
 
 
 class AdaptiveLookahead:
@@ -111,15 +156,44 @@ class AdaptiveLookahead:
         lo = max(x for x in xs if x < n)
         return points[lo] + (points[hi] - points[lo]) * (n - lo) / (hi - lo)
 
-    def choose(self, rows: int = 1) -> int:
-        """The k of the next round for `rows` rows (k_start until a round has been timed)."""
+    def expected_cost(self, k: int, rows: int = 1, early_stop: bool = False) -> float:
+        """The expected seconds of a round of at most k drafts: `k d + c(k)`, or with the early stop
+        `sum_m P(n = m) (m d + c(m))` (`drafted_distribution` at the current fire rate)."""
+        d = self.draft_cost(rows)
+        if not early_stop:
+            return k * d + self.check_cost(k, rows)
+        probs = drafted_distribution(self.rate, k, rows)
+        return sum(prob * (m * d + self.check_cost(m, rows)) for m, prob in enumerate(probs, start=1) if prob > 0)
+
+    def plan(self, rows: int = 1, early_stop: bool = False) -> tuple[int, bool]:
+        """(k, stop_any) of the next round: with `early_stop` and rows > 1, the k and stop rule with the most
+        expected tokens per second (`round_value`); otherwise `(choose(rows, early_stop), False)`."""
+        if not early_stop or rows <= 1 or not self.draft_steps:
+            if early_stop and rows > 1 and not self.draft_steps:
+                return self.k_start, default_stop_any(self.rate, self.k_start, rows)
+            return self.choose(rows, early_stop), False
+        d, rate = self.draft_cost(rows), self.rate
+
+        def cost(m: int) -> float:
+            return m * d + self.check_cost(m, rows)
+
+        best, best_value = (1, False), -math.inf
+        for stop_any in (False, True):
+            for k in range(1, self.k_max + 1):
+                value = round_value(rate, k, rows, stop_any, cost)
+                if value > best_value * (1.0 + 1e-9):
+                    best, best_value = (k, stop_any), value
+        return best
+
+    def choose(self, rows: int = 1, early_stop: bool = False) -> int:
+        """The k of the next round for `rows` rows (k_start until a round has been timed); `early_stop`: rounds
+        stop drafting at the rows' first fires (see `expected_cost`)."""
         if not self.draft_steps:
             return self.k_start
-        d = self.draft_cost(rows)
         rate = self.rate
         best, best_value = 1, -math.inf
         for k in range(1, self.k_max + 1):
-            value = expected_accepted(rate, k) / (k * d + self.check_cost(k, rows))
+            value = expected_accepted(rate, k) / self.expected_cost(k, rows, early_stop)
             if value > best_value * (1.0 + 1e-9):
                 best, best_value = k, value
         return best

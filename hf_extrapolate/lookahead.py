@@ -14,6 +14,14 @@ Each emitted token then has exactly the distribution of the step-by-step process
 a draw from p on which the criterion did not fire, a redraw is a draw from r where it fired, and the dropped drafts
 were never looked at by anything that is kept. Greedy decoding is the same with argmax.
 
+Early stop (`early_stop_rule`): when the criterion's firing is decided without the other model (`random` in
+sampling mode, with the round's uniforms drawn before its drafts; `always` / `never`; `entropy` with the base proposing,
+`rl_entropy` with the RL model proposing, from the proposer's logits), drafting stops once every row has reached its
+first fired position: a round drafts n = the max of the rows' needs instead of k, and the draft at a fired position is
+never drawn. At batch > 1 a round can instead stop at the first fire of any row (`stop_any`): every row then emits all
+n positions. Either stop is a stopping time of what the round has drawn so far, and the round still applies the fire
+decisions computed from both models (the same ones), so the distribution is unchanged.
+
 Rows go at their own pace: the n new cache slots are attended by a row only up to its accepted prefix (the rest are
 masked out in both caches, and position ids continue from the accepted count); trailing slots that no row accepted
 are cropped, so at batch 1 the caches simply roll back.
@@ -36,12 +44,12 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .adaptive_k import AdaptiveLookahead
+from .adaptive_k import AdaptiveLookahead, default_stop_any
 from .cache_compat import cache_kwargs
 from .config import ExtrapolationConfig
 from .criteria import fires
 from .directional import _view_fire_weight, directional_step_with_replacement, normalize_pair, shown_to_proposal
-from .distributions import NEG_INF, warp_logprobs
+from .distributions import NEG_INF, entropy, warp_logprobs
 from .processor import shared_vocab_size
 from .statistics import generated_mask
 
@@ -152,6 +160,28 @@ def fires_at_drafts(
     return mask.gather(-1, y).squeeze(-1), (log_p.exp() * mask).sum(-1)
 
 
+def early_stop_rule(config: ExtrapolationConfig, greedy: bool) -> str | None:
+    """How a round's drafting can stop at each row's first fired position without the other model, or None.
+
+    - "random": sampling with `random`: the fire decisions are i.i.d. Bernoulli(threshold), independent of the
+      tokens, so one uniform per position is drawn before drafting (greedy `random` fires on `mass`: None);
+    - "always" / "never": constant;
+    - "entropy": a position-level criterion on the proposal's own distribution (`entropy` = H(pi_base) with the base
+      proposing, `rl_entropy` = H(pi_rl) with the RL model proposing), read from the proposer's logits.
+    None for `view_top_k`, token-level criteria and criteria that need both distributions.
+    """
+    if config.view_top_k is not None:
+        return None
+    criterion = config.criterion
+    if criterion == "random":
+        return None if greedy else "random"
+    if criterion in ("always", "never"):
+        return criterion
+    if (criterion, config.proposal) in (("entropy", "base"), ("rl_entropy", "rl")):
+        return "entropy"
+    return None
+
+
 def _clock(device: torch.device) -> float:
     """Seconds for timing a round's phases: process CPU time on CPU (steady on a shared host), the wall clock after a
     synchronisation on an accelerator (only `lookahead="auto"` times anything)."""
@@ -184,17 +214,31 @@ def lookahead_decode(
     output_posterior: bool = True,
     generator: torch.Generator | None = None,
     chooser: AdaptiveLookahead | None = None,
+    early_stop: bool = True,
+    stop_any: bool | None = None,
 ) -> dict[str, Any]:
     """Exact lookahead decoding of the directional step distribution. Returns a dict with
     `sequences` (R, P + T), `scores` / `logits` (tuples of (R, V) per generated position, or None),
     `mass` (R, T) the replaced mass M of every generated position, `posterior` (R, T) the probability that the token
     was a redraw (`M r(y) / q(y)`; 0/1 greedy; zeros with `output_posterior=False`, which skips computing it) and
-    `stats` (rounds, drafted, accepted, and `k`: the k of every round).
+    `stats` (rounds, drafted, accepted, `k`: the positions of every round, `stop_any`: the rounds that stopped at
+    the first fire of any row).
 
     `input_ids` (R, P) left-padded with `attention_mask` (R, P); `base_context` wraps every base forward (the LoRA
     fallback turns the adapter off in it). Temperature / top-k / top-p are `config`'s (applied inside).
     `lookahead` is k, or "auto" to choose k per round (`hf_extrapolate.adaptive_k`) with `chooser` (a new one when
     None; pass the same one to later calls to reuse its measured costs).
+
+    `early_stop` (default True): for a criterion whose firing is decided without the other model
+    (`early_stop_rule`), a round stops drafting once every row has reached its first fired position (or its
+    budget): n is then the max of the rows' needs rather than k, the draft at a fired position is never drawn, and
+    the check covers the n positions. The stop is a stopping time of what the round has drawn so far (the fire
+    decisions at the drafted positions are the same ones the round then uses), so the output distribution is the
+    same; False drafts k every round (the plain path, for comparisons). At batch > 1 an early-stopping round can
+    also stop at the first position where ANY row fires (`stop_any`): every row then emits all n positions (n - 1
+    drafts and its redraw, or n drafts) and no draft is dropped, at the price of more checks. None chooses per round
+    (`AdaptiveLookahead.plan` with "auto"; `adaptive_k.default_stop_any` at the fire rate so far with a fixed k);
+    True / False force it.
     """
     k_arg = check_lookahead(lookahead)
     if k_arg == "auto":
@@ -221,6 +265,8 @@ def lookahead_decode(
     # criteria, and in greedy mode; otherwise a round computes the fire decisions and M (nothing for `random`) and
     # the redraw distribution at each row's first fired position only
     full_math = output_scores or output_posterior or has_stopping or greedy or config.view_top_k is not None
+    rule = early_stop_rule(config, greedy) if early_stop else None
+    seen_fires, seen_positions = 1.0, 20.0  # the fire rate so far (prior 5% over 20 positions): fixed k's stop rule
     rl_runner = _Forward(rl_model, None)
     base_runner = _Forward(base_model, base_context)
     proposer, checker = (base_runner, rl_runner) if config.proposal == "base" else (rl_runner, base_runner)
@@ -248,7 +294,7 @@ def lookahead_decode(
     post_out = torch.zeros(total_rows, max_new_tokens, device=device)
     scores_out: list | None = [] if output_scores else None  # per round: (row index, position, (m, V) values)
     logits_out: list | None = [] if output_logits else None
-    stats: dict[str, Any] = {"rounds": 0, "drafted": 0, "accepted": 0, "k": []}
+    stats: dict[str, Any] = {"rounds": 0, "drafted": 0, "accepted": 0, "k": [], "stop_any": 0}
     ar = torch.arange(k_max, device=device)
     if streamer is not None:
         if total_rows > 1:
@@ -257,23 +303,49 @@ def lookahead_decode(
 
     while max_new_tokens > 0 and active.numel() > 0:
         rows = active.numel()
-        k = chooser.choose(rows) if chooser is not None else k_max
-        n = int(min(k, int((max_new_tokens - count).max())))
+        remaining = max_new_tokens - count
+        if chooser is not None:
+            k, any_fire_stops = chooser.plan(rows, early_stop=rule is not None)
+        else:
+            k = k_max
+            any_fire_stops = rule is not None and default_stop_any(seen_fires / seen_positions, k_max, rows)
+        if stop_any is not None:
+            any_fire_stops = rule is not None and rows > 1 and stop_any
+        n = n_cap = int(min(k, int(remaining.max())))
         slots = slot_mask.shape[1]
-        # 1. draft n tokens from p, one proposal forward each
+        # 1. draft up to n tokens from p, one proposal forward each; with an early-stop rule, stop once no row is
+        # still drafting (each row drafts up to its first fired position or its budget, whichever comes first), or
+        # with `stop_any` at the first position where any row fires (then every row emits all n positions)
         if chooser is not None:
             t0 = _clock(device)
+        if rule == "random":  # the round's fire decisions, drawn before its drafts (those past the stop are unused)
+            uniforms = torch.rand((rows, n_cap), device=device, generator=generator)
+        drafting = torch.ones(rows, dtype=torch.bool, device=device)
+        deferred = None  # log p at the last position when its draft is drawn only if a row keeps it
         tokens = [pending]
         prop_logits = []
-        for i in range(n):
+        for i in range(n_cap):
             step_mask = torch.cat([slot_mask, slot_mask.new_ones(rows, i + 1)], dim=1)
             if first_logits is not None:  # round 1: the proposer has read the pending token in its prefill
                 logits, first_logits = first_logits, None
             else:
                 logits = proposer(tokens[-1][:, None], step_mask, (next_pos + i)[:, None], keep=1)[:, -1]
             prop_logits.append(logits)
-            log_p = warp_logprobs(torch.log_softmax(logits[:, :shared].float(), dim=-1), config.temperature,
-                                  config.top_k, config.top_p, normalized=True)
+            raw = torch.log_softmax(logits[:, :shared].float(), dim=-1)
+            log_p = warp_logprobs(raw, config.temperature, config.top_k, config.top_p, normalized=True)
+            if rule is not None:
+                if rule == "random":
+                    fire_i = uniforms[:, i] < config.threshold
+                elif rule == "entropy":  # H of the proposal's raw distribution, as `criteria.position_metric`
+                    fire_i = entropy(raw) > config.threshold
+                else:
+                    fire_i = torch.full((rows,), rule == "always", dtype=torch.bool, device=device)
+                fired_now = bool((fire_i & drafting).any()) if any_fire_stops else False
+                drafting = drafting & ~fire_i & (remaining > i + 1)
+                if i + 1 == n_cap or fired_now or not bool(drafting.any()):
+                    n, deferred = i + 1, log_p
+                    tokens.append(torch.zeros_like(pending))  # placeholder, drawn below where a row keeps it
+                    break
             tokens.append(log_p.argmax(-1) if greedy else sample_from_logprobs(log_p, generator))
         drafts = torch.stack(tokens[1:], dim=1)  # (rows, n)
         fed = torch.stack(tokens[:n], dim=1)  # (rows, n): pending, y_1..y_{n-1}
@@ -297,7 +369,10 @@ def lookahead_decode(
         if greedy:
             fire = mass > 0.5
         elif config.criterion == "random":
-            fire = torch.rand(rows * n, device=device, generator=generator) < config.threshold
+            if rule == "random":
+                fire = uniforms[:, :n].reshape(-1) < config.threshold
+            else:
+                fire = torch.rand(rows * n, device=device, generator=generator) < config.threshold
             if not full_math:
                 mass = torch.full((rows * n,), config.threshold, device=device)
         else:
@@ -308,6 +383,9 @@ def lookahead_decode(
         any_fire = fire.any(-1)
         first = torch.where(any_fire, fire.float().argmax(-1), torch.full_like(pending, n))  # (rows,)
         accepted = torch.where(any_fire, first + 1, first)  # emitted tokens this round
+        if deferred is not None and bool(((first == n) & (remaining >= n)).any()):
+            # a row keeps its last draft: draw it now (the fire decisions do not depend on it: position-level)
+            drafts[:, n - 1] = deferred.argmax(-1) if greedy else sample_from_logprobs(deferred, generator)
         # the redraw at the first fired position of each row
         idx = torch.arange(rows, device=device) * n + first.clamp(max=n - 1)
         if not full_math:
@@ -362,6 +440,7 @@ def lookahead_decode(
         stats["drafted"] += rows * n
         stats["accepted"] += int(take.sum())
         stats["k"].append(n)
+        stats["stop_any"] += int(any_fire_stops)
         if chooser is not None:  # the check's cost includes the round's step math and bookkeeping; round 1's
             # times include the prefills: only its fire counts are used
             checked = int(torch.minimum(first + 1, torch.full_like(first, n)).sum())
@@ -369,6 +448,8 @@ def lookahead_decode(
             t2 = _clock(device)
             chooser.observe(checked, int(any_fire.sum()), n, t1 - t0 if timed else None, t2 - t1 if timed else None,
                             rows)
+        seen_fires += int(any_fire.sum())
+        seen_positions += int(torch.minimum(first + 1, torch.full_like(first, n)).sum())
         check_prefix = None
         count = count + take
         done = has_eos | (count >= max_new_tokens)

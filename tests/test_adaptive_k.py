@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from hf_extrapolate.adaptive_k import AdaptiveLookahead, expected_accepted
+from hf_extrapolate.adaptive_k import (
+    AdaptiveLookahead,
+    any_drafted_distribution,
+    default_stop_any,
+    drafted_distribution,
+    expected_accepted,
+    round_value,
+)
 
 
 def first_fire_expectation(rate: float, k: int) -> float:
@@ -80,3 +87,79 @@ def test_extremes_and_the_start():
     assert observed(1.0, {1: 1.0, 16: 2.0}).choose() == 1  # everything fires: one draft per round
     with pytest.raises(ValueError, match="k_start"):
         AdaptiveLookahead(k_max=4, k_start=8)
+
+
+def drafted_by_simulation(rate: float, k: int, rows: int, trials: int = 200_000) -> list[float]:
+    """P(n = m) for m = 1..k from its definition: n = max over rows of min(first fire + 1, k)."""
+    import random
+
+    rng = random.Random(0)
+    counts = [0] * k
+    for _ in range(trials):
+        n = 0
+        for _ in range(rows):
+            need = k
+            for j in range(k):
+                if rng.random() < rate:
+                    need = j + 1
+                    break
+            n = max(n, need)
+        counts[n - 1] += 1
+    return [c / trials for c in counts]
+
+
+@pytest.mark.parametrize("rate,k,rows", [(0.05, 8, 1), (0.3, 6, 1), (0.2, 5, 4), (0.0, 4, 2), (1.0, 4, 3)])
+def test_drafted_distribution_of_the_early_stop(rate, k, rows):
+    probs = drafted_distribution(rate, k, rows)
+    assert len(probs) == k and sum(probs) == pytest.approx(1.0) and min(probs) >= 0.0
+    if rows == 1:  # one row drafts min(first fire + 1, k): its mean is A(k)
+        assert sum(m * p for m, p in enumerate(probs, start=1)) == pytest.approx(expected_accepted(rate, k))
+    if 0.0 < rate < 1.0:
+        for p, sim in zip(probs, drafted_by_simulation(rate, k, rows, 40_000), strict=True):
+            assert p == pytest.approx(sim, abs=0.01)
+    else:
+        assert probs[(k if rate == 0.0 else 1) - 1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_choose_with_the_early_stop_maximises_expected_tokens_per_second(rows):
+    rate, cost = 0.05, {n: 1.6 + 0.15 * (n - 1) for n in range(1, 17)}  # c(1) > d: a check costs more than a draft
+    chooser = observed(rate, cost)
+    chooser.observe(0, 0, 1, 1.0, cost[1], rows=rows)
+    for n in range(2, 17):
+        chooser.observe(0, 0, n, n * 1.0, cost[n], rows=rows)
+
+    def value(k):
+        probs = drafted_distribution(rate, k, rows)
+        return first_fire_expectation(rate, k) / sum(p * (m + cost[m]) for m, p in enumerate(probs, start=1))
+
+    best = max(range(1, 17), key=value)
+    assert chooser.choose(rows, early_stop=True) == best
+    plain = max(range(1, 17), key=lambda k: first_fire_expectation(rate, k) / (k + cost[k]))
+    assert chooser.choose(rows) == plain
+    if rows == 1:  # a round costs what it emits plus one check: the longer the better
+        assert best == 16 and plain < 16
+
+
+@pytest.mark.parametrize("rate,k,rows", [(0.05, 8, 4), (0.3, 5, 2), (0.0, 4, 3), (1.0, 4, 3)])
+def test_any_drafted_distribution(rate, k, rows):
+    probs = any_drafted_distribution(rate, k, rows)
+    assert len(probs) == k and sum(probs) == pytest.approx(1.0) and min(probs) >= 0.0
+    # stopping at the first fire of any of R rows is one row firing at 1 - (1 - f)^R: at most k, A(k) at that rate
+    mean = sum(m * p for m, p in enumerate(probs, start=1))
+    assert mean == pytest.approx(expected_accepted(1.0 - (1.0 - rate) ** rows, k))
+    assert any_drafted_distribution(rate, k, 1) == pytest.approx(drafted_distribution(rate, k, 1))
+
+
+def test_plan_chooses_k_and_the_stop_rule():
+    cost = {n: 1.0 for n in range(1, 17)}  # a check of any length costs one draft step
+    for rows, rate in ((4, 0.05), (64, 0.05), (4, 0.01)):
+        chooser = observed(rate, {})
+        for n in range(1, 17):
+            chooser.observe(0, 0, n, n * 1.0, cost[n], rows=rows)
+        options = [(k, s) for s in (False, True) for k in range(1, 17)]
+        best = max(options, key=lambda o: round_value(rate, o[0], rows, o[1], lambda m: m + cost[m]))
+        assert chooser.plan(rows, early_stop=True) == best
+        assert chooser.plan(rows, early_stop=False) == (chooser.choose(rows), False)
+    assert AdaptiveLookahead().plan(1, early_stop=True) == (8, False)  # untimed, one row: k_start
+    assert default_stop_any(0.05, 8, 4) and not default_stop_any(0.05, 8, 64) and not default_stop_any(0.05, 8, 1)

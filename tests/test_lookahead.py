@@ -428,3 +428,213 @@ def test_padded_vocabularies_draw_only_shared_tokens(batch):
         out = model.generate(**batch, do_sample=True, max_new_tokens=8, lookahead=3, num_return_sequences=8,
                              return_dict_in_generate=True, output_scores=True)
         assert int(out.sequences.max()) < 64 and out.scores[0].shape[-1] == 70
+
+
+# ---------------------------------------------------------------------- early stop of the drafts
+# criteria decided without the other model (`early_stop_rule`): a round stops drafting at each row's first fired
+# position; `early_stop=False` is the plain path (k drafts every round)
+def _decode(rl, base, ids, mask, cfg, **kw):
+    from hf_extrapolate.lookahead import lookahead_decode
+
+    kw.setdefault("eos_token_id", None)
+    kw.setdefault("pad_token_id", PAD)
+    return lookahead_decode(rl, base, ids, mask, cfg, **kw)
+
+
+def test_early_stop_rule_covers_only_criteria_decided_by_the_proposer():
+    from hf_extrapolate.lookahead import early_stop_rule
+
+    def rule(criterion, proposal="rl", greedy=False, view_top_k=None):
+        cfg = ExtrapolationConfig(criterion=criterion, threshold=0.5, proposal=proposal, view_top_k=view_top_k)
+        return early_stop_rule(cfg, greedy)
+
+    assert rule("random") == "random" and rule("random", greedy=True) is None
+    assert rule("always") == "always" and rule("never", greedy=True) == "never"
+    assert rule("entropy", "base") == "entropy" and rule("rl_entropy", "rl") == "entropy"
+    assert rule("entropy", "rl") is None and rule("rl_entropy", "base") is None  # the other model's entropy
+    for criterion in ("kl", "reverse_kl", "avg_kl") + TOKEN:
+        assert rule(criterion) is None and rule(criterion, "base") is None
+    assert rule("random", view_top_k=3) is None and rule("entropy", "base", view_top_k=3) is None
+
+
+@pytest.mark.parametrize("early_stop,stop_any", [(True, None), (True, True), (True, False), (False, None)])
+@pytest.mark.parametrize(
+    "criterion,tau,proposal,k",
+    [("random", 0.3, "rl", 4), ("random", 0.2, "base", "auto"), ("entropy", None, "base", 4),
+     ("rl_entropy", None, "rl", 5), ("always", 0.0, "rl", 3), ("never", 0.0, "base", 3)],
+)
+def test_early_stop_sampled_scores_equal_full_recompute(pair, batch, criterion, tau, proposal, k, early_stop,
+                                                        stop_any):
+    """Per-position values at batch 1 (where a round stops at the row's own first fire) and batch 3: log q at every
+    emitted position equals a full recompute, M is the criterion's, every emitted token has q > 0."""
+    rl, base = pair
+    if tau is None:
+        tau = median_threshold(rl, base, criterion, batch, proposal)
+    cfg = ExtrapolationConfig(criterion=criterion, threshold=tau, proposal=proposal, gamma=0.2, top_p=0.9)
+    prompt = batch["input_ids"].shape[1]
+    drafted = 0
+    cases = [(batch["input_ids"][i : i + 1], batch["attention_mask"][i : i + 1], s) for i in range(3) for s in (0, 1)]
+    cases.append((batch["input_ids"], batch["attention_mask"], 2))
+    for ids, mask, seed in cases:
+        torch.manual_seed(seed)
+        out = _decode(rl, base, ids, mask, cfg, lookahead=k, do_sample=True, max_new_tokens=11, output_scores=True,
+                      early_stop=early_stop, stop_any=stop_any)
+        assert out["sequences"].shape == (ids.shape[0], prompt + 11)
+        if ids.shape[0] > 1 and early_stop and stop_any:  # every row emits every drafted position
+            assert out["stats"]["stop_any"] == out["stats"]["rounds"]
+            if criterion in ("random", "rl_entropy"):  # the fire decisions drafting stopped on are the round's
+                assert out["stats"]["drafted"] == out["stats"]["accepted"]
+        ref = full_recompute_scores(rl, base, out["sequences"], mask, cfg, prompt)
+        for t, (s, r) in enumerate(zip(out["scores"], ref, strict=True)):
+            torch.testing.assert_close(s, r, atol=1e-5, rtol=1e-5)
+            tok = out["sequences"][:, prompt + t]
+            assert bool(torch.isfinite(s.gather(-1, tok[:, None])).all())
+        l_rl = torch.stack(full_recompute_logits(rl, out["sequences"], mask, prompt), 1).flatten(0, 1)
+        l_b = torch.stack(full_recompute_logits(base, out["sequences"], mask, prompt), 1).flatten(0, 1)
+        mass = directional_step_with_replacement(l_rl, l_b, cfg)[1].view(ids.shape[0], -1)
+        torch.testing.assert_close(out["mass"], mass)  # M: tau for random, 0 / 1 for position-level
+        if ids.shape[0] == 1:
+            assert out["stats"]["drafted"] == sum(out["stats"]["k"])
+            drafted += out["stats"]["drafted"]
+    if criterion == "always" and early_stop:  # every position fires: one position per round
+        assert drafted == 6 * 11
+    if criterion == "never":
+        assert drafted == 6 * 11  # nothing fires: a round drafts k (or the budget) and keeps them all
+
+
+def full_recompute_logits(model, sequences, attention_mask, prompt_len):
+    """The logits of `model` at every generated position (no cache): a list of (R, V)."""
+    mask = torch.cat([attention_mask, torch.ones_like(sequences[:, prompt_len:])], dim=1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=sequences, attention_mask=mask, position_ids=pos).logits
+    return [logits[:, t] for t in range(prompt_len - 1, sequences.shape[1] - 1)]
+
+
+def test_early_stop_is_taken_at_batch_1():
+    """random 0.3 at k = 8: the rounds draft up to the first fire (mean A(8) ~ 3.0 positions), not 8; the plain
+    path drafts 8 (or the budget) every round."""
+    rl, base = tiny_llama(0, **PEAKY), tiny_llama(1, **PEAKY)
+    ids = left_padded_batch([5], seed=4)["input_ids"]
+    cfg = ExtrapolationConfig(criterion="random", threshold=0.3, proposal="rl", gamma=0.2)
+    torch.manual_seed(0)
+    early = _decode(rl, base, ids, None, cfg, lookahead=8, do_sample=True, max_new_tokens=60, output_posterior=False)
+    st = early["stats"]
+    assert st["accepted"] == 60 and st["drafted"] == sum(st["k"])
+    assert st["drafted"] < 0.6 * 8 * st["rounds"], st  # expected ~0.37 of 8 per round
+    assert st["drafted"] == st["accepted"]  # every drafted position is emitted: a draft is never wasted
+    torch.manual_seed(0)
+    plain = _decode(rl, base, ids, None, cfg, lookahead=8, do_sample=True, max_new_tokens=60, output_posterior=False,
+                    early_stop=False)["stats"]
+    assert all(n == 8 for n in plain["k"][:-1]) and plain["drafted"] > plain["accepted"]
+
+
+@pytest.mark.parametrize(
+    "criterion,proposal", [("always", "rl"), ("never", "base"), ("entropy", "base"), ("rl_entropy", "rl")]
+)
+def test_early_stop_greedy_tokens_identical_to_step_by_step(pair, batch, criterion, proposal):
+    rl, base = pair
+    tau = 0.0 if criterion in ("always", "never") else median_threshold(rl, base, criterion, batch, proposal)
+    cfg = ExtrapolationConfig(criterion=criterion, threshold=tau, proposal=proposal, gamma=0.5)
+    model = DirectionalModelForCausalLM(rl, base, cfg)
+    for i in range(3):  # batch 1: each round stops at the row's own first fire
+        one = {key: value[i : i + 1] for key, value in batch.items()}
+        ref = model.generate(**one, do_sample=False, max_new_tokens=13, eos_token_id=None)
+        ref_ratio = model.last_replace_ratio
+        for k in (6, "auto"):
+            out = model.generate(**one, do_sample=False, max_new_tokens=13, eos_token_id=None, lookahead=k)
+            assert torch.equal(out, ref), (criterion, i, k)
+            torch.testing.assert_close(model.last_replace_ratio, ref_ratio)
+            if k == 6:
+                st = model.last_lookahead_stats
+                assert st["drafted"] == st["accepted"] == 13  # batch 1: no drafted position is dropped
+    ref = model.generate(**batch, do_sample=False, max_new_tokens=13, eos_token_id=None)
+    assert torch.equal(model.generate(**batch, do_sample=False, max_new_tokens=13, eos_token_id=None, lookahead=6), ref)
+
+
+def median_entropy(rl, base, prompt, which: str) -> float:
+    """The median over the prefixes of `exact_tables` of H(pi_base) ("base") or H(pi_rl) ("rl")."""
+    values = []
+    for n in range(STEPS):
+        for prefix in itertools.product(range(SMALL_VOCAB), repeat=n):
+            if EOS in prefix:
+                continue
+            ids = torch.tensor([list(prompt) + list(prefix)])
+            with torch.no_grad():
+                rl_n, base_n = normalize_pair(rl(input_ids=ids).logits[:, -1], base(input_ids=ids).logits[:, -1])
+            values.append(float(position_metric("entropy" if which == "base" else "rl_entropy", rl_n, base_n)[0]))
+    return float(torch.tensor(values).median())
+
+
+def kept_draft_at_fire_samples(tables, n, generator):
+    """The bug the early stop must avoid: at a fired position, keep the draft y ~ p instead of the redraw."""
+    samples = []
+    for _ in range(n):
+        seq: tuple = ()
+        while len(seq) < STEPS and EOS not in seq:
+            p = tables[seq][0]
+            # fired with probability M (random: tau; position-level: 0 / 1), and then the draft y ~ p is emitted
+            # anyway (the bug: no redraw from r): every emitted token is a draw from p
+            y = int(torch.multinomial(p, 1, generator=generator))
+            seq = seq + (y,)
+        samples.append(outcome(seq))
+    return samples
+
+
+@pytest.mark.parametrize(
+    "criterion,proposal,k", [("random", "rl", 3), ("entropy", "base", 3), ("rl_entropy", "rl", "auto")]
+)
+def test_early_stop_sampling_distribution_equals_exact_enumeration(criterion, proposal, k):
+    """Batch 1 (one row per call, so a round stops at the row's own first fire) against exact enumeration; the same
+    test rejects a sampler that keeps the draft at the fired position."""
+    rl = tiny_llama(0, vocab_size=SMALL_VOCAB, **PEAKY)
+    base = tiny_llama(1, vocab_size=SMALL_VOCAB, **PEAKY)
+    prompt = (1, 4, 3)
+    tau = 0.3 if criterion == "random" else median_entropy(rl, base, prompt, proposal)
+    cfg = ExtrapolationConfig(criterion=criterion, threshold=tau, proposal=proposal, gamma=0.5)
+    tables = exact_tables(rl, base, prompt, cfg)
+    probs = exact_distribution(tables)
+    fired = [t[4] for t in tables.values()]
+    assert 0.1 < sum(fired) / len(fired) < 0.9
+    ids = torch.tensor([prompt])
+    n = 1500
+    torch.manual_seed(1)
+    samples, drafted, positions = [], 0, 0
+    for _ in range(n):
+        out = _decode(rl, base, ids, None, cfg, lookahead=k, do_sample=True, max_new_tokens=STEPS,
+                      eos_token_id=EOS, output_posterior=False)
+        samples.append(outcome(out["sequences"][0, len(prompt):].tolist()))
+        drafted += out["stats"]["drafted"]
+        positions += out["stats"]["rounds"] * (3 if k == 3 else 0)
+    assert chi_square_pvalue(samples, probs) > 1e-3
+    if k == 3:
+        assert drafted < 0.9 * positions  # the early stop was taken
+    wrong = kept_draft_at_fire_samples(tables, n, torch.Generator().manual_seed(2))
+    assert chi_square_pvalue(wrong, probs) < 1e-6
+
+
+@pytest.mark.parametrize("criterion,proposal,stop_any", [("random", "rl", True), ("rl_entropy", "rl", True),
+                                                         ("random", "rl", False)])
+def test_early_stop_batch_4_distribution_equals_exact_enumeration(criterion, proposal, stop_any):
+    """Batch 4: a round stops at the first fire of any row (`stop_any`, every row emits all n) or of every row."""
+    rl = tiny_llama(0, vocab_size=SMALL_VOCAB, **PEAKY)
+    base = tiny_llama(1, vocab_size=SMALL_VOCAB, **PEAKY)
+    prompt = (1, 4, 3)
+    tau = 0.3 if criterion == "random" else median_entropy(rl, base, prompt, proposal)
+    cfg = ExtrapolationConfig(criterion=criterion, threshold=tau, proposal=proposal, gamma=0.5)
+    probs = exact_distribution(exact_tables(rl, base, prompt, cfg))
+    ids = torch.tensor([prompt]).repeat(4, 1)
+    torch.manual_seed(3)
+    samples, drafted, accepted, any_rounds = [], 0, 0, 0
+    for _ in range(400):
+        out = _decode(rl, base, ids, None, cfg, lookahead=3, do_sample=True, max_new_tokens=STEPS, eos_token_id=EOS,
+                      output_posterior=False, stop_any=stop_any)
+        samples += [outcome(row) for row in out["sequences"][:, len(prompt):].tolist()]
+        st = out["stats"]
+        drafted, accepted = drafted + st["drafted"], accepted + st["accepted"]
+        any_rounds += st["stop_any"]  # rows that ended (EOS) leave: a round of one row is a plain early stop
+        assert st["stop_any"] <= st["rounds"] and (stop_any or st["stop_any"] == 0)
+    assert chi_square_pvalue(samples, probs) > 1e-3
+    assert (any_rounds > 400) == stop_any
+    if stop_any and criterion == "random":
+        assert accepted > 0.9 * drafted  # only EOS drops drafts
