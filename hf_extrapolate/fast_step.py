@@ -237,7 +237,10 @@ def _greedy(
         finite = all(math.isfinite(row[0]) and (math.isfinite(row[1]) or row[1] == -math.inf) for row in values)
         if not finite:
             finite = (rl0 + base0.clamp(min=LOG_TINY)).squeeze(-1)
-        mass = _indicator(tuple(fire), rl.device) if rows <= 8 else torch.tensor(fire, device=rl.device)
+        if rows <= 8:
+            mass = _indicator(tuple(fire), rl.device)
+        else:
+            mass = torch.tensor(fire, dtype=torch.float32, device=rl.device)
         fired = [i for i, f in enumerate(fire) if f]
         if not fired:  # the common case: no row is replaced, the scores are log p
             return FastStep(log_p, mass, None, True, finite)

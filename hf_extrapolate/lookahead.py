@@ -221,8 +221,8 @@ def lookahead_decode(
     `sequences` (R, P + T), `scores` / `logits` (tuples of (R, V) per generated position, or None),
     `mass` (R, T) the replaced mass M of every generated position, `posterior` (R, T) the probability that the token
     was a redraw (`M r(y) / q(y)`; 0/1 greedy; zeros with `output_posterior=False`, which skips computing it) and
-    `stats` (rounds, drafted, accepted, `k`: the positions of every round, `stop_any`: the rounds that stopped at
-    the first fire of any row).
+    `stats` (rounds, drafted, accepted, `k`: the positions of every round, `stop_any`: the rounds run with the
+    any-row stop on, whether or not a row fired in them).
 
     `input_ids` (R, P) left-padded with `attention_mask` (R, P); `base_context` wraps every base forward (the LoRA
     fallback turns the adapter off in it). Temperature / top-k / top-p are `config`'s (applied inside).

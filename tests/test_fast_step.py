@@ -112,3 +112,14 @@ def test_non_finite_inputs_are_flagged():
         rl, base = pair(mask=False)
         base[0] = float("-inf")  # the base excludes every token
         assert not bool(torch.isfinite(fast_step(rl, base, cfg, greedy=greedy).finite[0]))
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, 17])
+def test_greedy_mass_is_float32_for_every_batch_size(rows):
+    """Batches up to 8 rows share a cached 0 / 1 tensor per fire pattern, larger ones build one: both float32 and
+    equal to the definition's mass."""
+    rl, base = pair(rows=rows, vocab=50, mask=False, seed=rows)
+    cfg = ExtrapolationConfig(criterion="logp_diff", threshold=-0.3, gamma=0.1)
+    fast = fast_step(rl, base, cfg, greedy=True)
+    assert fast.mass.dtype == torch.float32 and fast.mass.shape == (rows,)
+    assert_same(fast, rl, base, cfg, greedy=True)
