@@ -168,10 +168,10 @@ class AdaptiveLookahead:
     def plan(self, rows: int = 1, early_stop: bool = False) -> tuple[int, bool]:
         """(k, stop_any) of the next round: with `early_stop` and rows > 1, the k and stop rule with the most
         expected tokens per second (`round_value`); otherwise `(choose(rows, early_stop), False)`."""
-        if not early_stop or rows <= 1 or not self.draft_steps:
-            if early_stop and rows > 1 and not self.draft_steps:
-                return self.k_start, default_stop_any(self.rate, self.k_start, rows)
+        if not early_stop or rows <= 1:
             return self.choose(rows, early_stop), False
+        if not self.draft_steps:  # nothing timed yet: k_start, the stop rule of a fixed k
+            return self.k_start, default_stop_any(self.rate, self.k_start, rows)
         d, rate = self.draft_cost(rows), self.rate
 
         def cost(m: int) -> float:

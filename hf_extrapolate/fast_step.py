@@ -110,9 +110,7 @@ def _float32(value: float) -> float:
 def _indicator(fire: tuple[bool, ...], device: torch.device) -> torch.Tensor:
     """The float32 0 / 1 tensor of `fire` (one per pattern and device, shared: callers never modify it). Building
     a tensor from a Python list costs as much as a (B, V) pass in the decoding loop; batches repeat few patterns."""
-    tensor = torch.tensor(fire, dtype=torch.float32, device=device)
-    tensor.requires_grad_(False)
-    return tensor
+    return torch.tensor(fire, dtype=torch.float32, device=device)
 
 
 def _extrapolated(config: ExtrapolationConfig, rl: torch.Tensor, base: torch.Tensor, ws) -> torch.Tensor:

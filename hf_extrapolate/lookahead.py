@@ -182,6 +182,26 @@ def early_stop_rule(config: ExtrapolationConfig, greedy: bool) -> str | None:
     return None
 
 
+def stop_position(fire: torch.Tensor, remaining: torch.Tensor, stop_any: bool) -> int:
+    """The positions n an early-stopping round drafts when its fire decisions are known before drafting.
+    fire: (R, K) bool, row r fires at position i; remaining: (R,) tokens each row may still emit. Returns n in 1..K.
+
+    A row drafts until its first fired position or its budget, whichever comes first; the round stops when no row
+    is still drafting, or with `stop_any` at the first position where a row that was still drafting fires (or at
+    K). One read-back, instead of one per draft.
+    """
+    rows, k = fire.shape
+    steps = torch.arange(1, k + 1, device=fire.device)
+    # still drafting after position i: no fire up to i, and budget for position i + 1
+    after = (~fire).long().cumprod(-1).bool() & (remaining[:, None] > steps)
+    stop = ~after.any(0)
+    if stop_any:
+        before = torch.cat([torch.ones_like(after[:, :1]), after[:, :-1]], dim=1)
+        stop = stop | (fire & before).any(0)
+    stop[-1] = True
+    return int(stop.long().argmax()) + 1
+
+
 def _clock(device: torch.device) -> float:
     """Seconds for timing a round's phases: process CPU time on CPU (steady on a shared host), the wall clock after a
     synchronisation on an accelerator (only `lookahead="auto"` times anything)."""
@@ -320,6 +340,13 @@ def lookahead_decode(
             t0 = _clock(device)
         if rule == "random":  # the round's fire decisions, drawn before its drafts (those past the stop are unused)
             uniforms = torch.rand((rows, n_cap), device=device, generator=generator)
+        # fire decisions known before drafting (`random`, always / never): the stop is planned with one read-back;
+        # `entropy` reads each position's proposer logits, so it decides as the drafts come
+        planned = None
+        if rule in ("random", "always", "never"):
+            known = (uniforms < config.threshold if rule == "random" else
+                     torch.full((rows, n_cap), rule == "always", dtype=torch.bool, device=device))
+            planned = stop_position(known, remaining, any_fire_stops)
         drafting = torch.ones(rows, dtype=torch.bool, device=device)
         deferred = None  # log p at the last position when its draft is drawn only if a row keeps it
         tokens = [pending]
@@ -334,15 +361,14 @@ def lookahead_decode(
             raw = torch.log_softmax(logits[:, :shared].float(), dim=-1)
             log_p = warp_logprobs(raw, config.temperature, config.top_k, config.top_p, normalized=True)
             if rule is not None:
-                if rule == "random":
-                    fire_i = uniforms[:, i] < config.threshold
-                elif rule == "entropy":  # H of the proposal's raw distribution, as `criteria.position_metric`
+                if planned is not None:
+                    stop = i + 1 == planned
+                else:  # H of the proposal's raw distribution, as `criteria.position_metric`
                     fire_i = entropy(raw) > config.threshold
-                else:
-                    fire_i = torch.full((rows,), rule == "always", dtype=torch.bool, device=device)
-                fired_now = bool((fire_i & drafting).any()) if any_fire_stops else False
-                drafting = drafting & ~fire_i & (remaining > i + 1)
-                if i + 1 == n_cap or fired_now or not bool(drafting.any()):
+                    fired_now = bool((fire_i & drafting).any()) if any_fire_stops else False
+                    drafting = drafting & ~fire_i & (remaining > i + 1)
+                    stop = i + 1 == n_cap or fired_now or not bool(drafting.any())
+                if stop:
                     n, deferred = i + 1, log_p
                     tokens.append(torch.zeros_like(pending))  # placeholder, drawn below where a row keeps it
                     break
@@ -441,15 +467,15 @@ def lookahead_decode(
         stats["accepted"] += int(take.sum())
         stats["k"].append(n)
         stats["stop_any"] += int(any_fire_stops)
+        checked = int(torch.minimum(first + 1, torch.full_like(first, n)).sum())  # positions up to each first fire
         if chooser is not None:  # the check's cost includes the round's step math and bookkeeping; round 1's
             # times include the prefills: only its fire counts are used
-            checked = int(torch.minimum(first + 1, torch.full_like(first, n)).sum())
             timed = check_prefix is None
             t2 = _clock(device)
             chooser.observe(checked, int(any_fire.sum()), n, t1 - t0 if timed else None, t2 - t1 if timed else None,
                             rows)
         seen_fires += int(any_fire.sum())
-        seen_positions += int(torch.minimum(first + 1, torch.full_like(first, n)).sum())
+        seen_positions += checked
         check_prefix = None
         count = count + take
         done = has_eos | (count >= max_new_tokens)

@@ -82,12 +82,6 @@ class ReplacementStats:
         self._recorded = max(self._recorded, column)
         self.last_position = position
 
-    def record_posterior(self, position: int, posterior: torch.Tensor) -> None:
-        """Store the probability (R,) that the token now at absolute index `position` was a redraw."""
-        column = position - self.prompt_length
-        if 0 <= column <= self._recorded:
-            self._new_posterior[column] = posterior
-
     def record_posterior_factors(
         self, position: int, mass: torch.Tensor, log_q: torch.Tensor, redraw: torch.Tensor, redraw_is_log: bool
     ) -> None:

@@ -178,21 +178,26 @@ def test_sampled_scores_equal_full_recompute(pair, batch, criterion, tau, propos
 SMALL_VOCAB, STEPS = 6, 3
 
 
-def exact_tables(rl, base, prompt, cfg):
-    """For every prefix of up to STEPS-1 generated tokens: (p, r, fire mask of `logp_diff` over tokens, q, M)."""
-    tables = {}
+def prefix_logits(rl, base, prompt):
+    """(prefix, RL logits, base logits) at the last position for every prefix of up to STEPS-1 generated tokens."""
     for n in range(STEPS):
         for prefix in itertools.product(range(SMALL_VOCAB), repeat=n):
             if EOS in prefix:
                 continue
             ids = torch.tensor([list(prompt) + list(prefix)])
             with torch.no_grad():
-                l_rl, l_b = rl(input_ids=ids).logits[:, -1], base(input_ids=ids).logits[:, -1]
-            rl_n, base_n = normalize_pair(l_rl, l_b)
-            log_p, log_r = proposal_and_replacement(rl_n, base_n, cfg)
-            fire = (rl_n - base_n) < cfg.threshold
-            log_q, mass, _ = directional_step_with_replacement(l_rl, l_b, cfg)
-            tables[prefix] = (log_p[0].exp(), log_r[0].exp(), fire[0], log_q[0].exp(), float(mass[0]))
+                yield prefix, rl(input_ids=ids).logits[:, -1], base(input_ids=ids).logits[:, -1]
+
+
+def exact_tables(rl, base, prompt, cfg):
+    """For every prefix of up to STEPS-1 generated tokens: (p, r, fire mask of `logp_diff` over tokens, q, M)."""
+    tables = {}
+    for prefix, l_rl, l_b in prefix_logits(rl, base, prompt):
+        rl_n, base_n = normalize_pair(l_rl, l_b)
+        log_p, log_r = proposal_and_replacement(rl_n, base_n, cfg)
+        fire = (rl_n - base_n) < cfg.threshold
+        log_q, mass, _ = directional_step_with_replacement(l_rl, l_b, cfg)
+        tables[prefix] = (log_p[0].exp(), log_r[0].exp(), fire[0], log_q[0].exp(), float(mass[0]))
     return tables
 
 
@@ -555,14 +560,9 @@ def test_early_stop_greedy_tokens_identical_to_step_by_step(pair, batch, criteri
 def median_entropy(rl, base, prompt, which: str) -> float:
     """The median over the prefixes of `exact_tables` of H(pi_base) ("base") or H(pi_rl) ("rl")."""
     values = []
-    for n in range(STEPS):
-        for prefix in itertools.product(range(SMALL_VOCAB), repeat=n):
-            if EOS in prefix:
-                continue
-            ids = torch.tensor([list(prompt) + list(prefix)])
-            with torch.no_grad():
-                rl_n, base_n = normalize_pair(rl(input_ids=ids).logits[:, -1], base(input_ids=ids).logits[:, -1])
-            values.append(float(position_metric("entropy" if which == "base" else "rl_entropy", rl_n, base_n)[0]))
+    for _prefix, l_rl, l_b in prefix_logits(rl, base, prompt):
+        rl_n, base_n = normalize_pair(l_rl, l_b)
+        values.append(float(position_metric("entropy" if which == "base" else "rl_entropy", rl_n, base_n)[0]))
     return float(torch.tensor(values).median())
 
 
@@ -638,3 +638,27 @@ def test_early_stop_batch_4_distribution_equals_exact_enumeration(criterion, pro
     assert (any_rounds > 400) == stop_any
     if stop_any and criterion == "random":
         assert accepted > 0.9 * drafted  # only EOS drops drafts
+
+
+def _stop_step_by_step(fire, remaining, stop_any):
+    """The drafting loop's own rule, position by position (what `stop_position` plans in one pass)."""
+    rows, k = fire.shape
+    drafting = [True] * rows
+    for i in range(k):
+        fired_now = stop_any and any(bool(fire[r, i]) and drafting[r] for r in range(rows))
+        drafting = [drafting[r] and not bool(fire[r, i]) and int(remaining[r]) > i + 1 for r in range(rows)]
+        if i + 1 == k or fired_now or not any(drafting):
+            return i + 1
+
+
+@pytest.mark.parametrize("stop_any", [False, True])
+def test_stop_position_equals_the_step_by_step_rule(stop_any):
+    from hf_extrapolate.lookahead import stop_position
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        rows, k = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 9, (1,), generator=g))
+        fire = torch.rand(rows, k, generator=g) < float(torch.rand(1, generator=g)) * 0.6
+        remaining = torch.randint(1, k + 3, (rows,), generator=g)
+        assert stop_position(fire, remaining, stop_any) == _stop_step_by_step(fire, remaining, stop_any), (
+            fire, remaining)
