@@ -37,6 +37,45 @@ def test_top_p_filter_on_peaked_and_flat_rows_together():
     assert torch.equal(top_p_filter(scores, 0.8) == NEG_INF, expected == NEG_INF)
 
 
+def _value_path_calls(monkeypatch):
+    import hf_extrapolate.distributions as distributions
+
+    calls = []
+    original = distributions._top_p_by_value
+    monkeypatch.setattr(distributions, "_top_p_by_value", lambda s, p: calls.append(s.shape) or original(s, p))
+    return calls
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.7, 0.95])
+def test_flat_rows_take_the_value_sort_and_equal_transformers_bit_for_bit(monkeypatch, top_p):
+    calls = _value_path_calls(monkeypatch)
+    g = torch.Generator().manual_seed(int(top_p * 100))
+    scores = torch.randn(5, 32000, generator=g) * 0.3  # nearly uniform: the nucleus holds thousands of tokens
+    scores[:, :7] = NEG_INF
+    expected = TopPLogitsWarper(top_p=top_p)(None, scores.clone())
+    ours = top_p_filter(scores, top_p)
+    assert calls == [scores.shape]
+    assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["value-sort", "top-k"])
+def test_a_tie_across_the_nucleus_edge_keeps_what_transformers_keeps(monkeypatch, flat):
+    calls = _value_path_calls(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    if flat:  # bfloat16-rounded logits: many ties, one of them across the edge
+        scores = (torch.randn(4, 32000, generator=g) * 0.3).to(torch.bfloat16).float()
+    else:  # ten tokens tied at the top, each ~10% of the mass: top-p 0.75 ends inside the tie
+        scores = torch.randn(4, 32000, generator=g)
+        scores[:, 100:110] = 30.0
+    top_p = 0.75
+    expected = TopPLogitsWarper(top_p=top_p)(None, scores.clone())
+    # the case is a real tie: keeping every token at least as likely as the last kept one keeps more
+    smallest_kept = expected.masked_fill(expected == NEG_INF, float("inf")).amin(-1, keepdim=True)
+    assert bool(((scores >= smallest_kept).sum(-1) > (expected != NEG_INF).sum(-1)).all())
+    assert torch.equal(top_p_filter(scores, top_p), expected)
+    assert len(calls) == int(flat)
+
+
 def test_warp_does_not_renormalise_normalised_input_without_warpers():
     logp = torch.randn(2, 50).log_softmax(-1)
     assert warp_logprobs(logp, normalized=True) is logp

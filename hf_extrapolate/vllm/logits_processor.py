@@ -141,17 +141,34 @@ class DirectionalLogitsProcessor(VllmLogitsProcessor):
         groups: dict[tuple[ExtrapolationConfig, bool], list[int]] = {}
         for index, (config, greedy, _key, _out) in rows.items():
             groups.setdefault((config, greedy), []).append(index)
+        base_logits = base_logits.to(logits.device)
+        whole = len(groups) == 1 and len(rows) == logits.shape[0]  # one setting for every row: no gather / scatter
+        if whole and shared == logits.shape[-1]:
+            ((config, greedy),) = groups
+            scores, mass, _ = directional_step_with_replacement(logits, base_logits, config, greedy=greedy)
+            self._record(rows, sorted(rows), mass)
+            return scores.to(logits.dtype)
         out = logits
         if shared < logits.shape[-1]:
             out = logits.clone()
             out[:, shared:] = NEG_INF
         for (config, greedy), indices in groups.items():
-            idx = torch.tensor(indices, device=logits.device)
-            scores, mass, _ = directional_step_with_replacement(
-                logits[idx, :shared], base_logits[idx, :shared].to(logits.device), config, greedy=greedy
-            )
-            out[idx, :shared] = scores.to(out.dtype)
-            for index, m in zip(indices, mass.tolist()):
-                _config, _greedy, key, output_ids = rows[index]
-                _shared.record(key, len(output_ids), m)
+            if whole:
+                indices, rl, base = sorted(indices), logits[:, :shared], base_logits[:, :shared]
+            else:
+                idx = torch.tensor(indices, device=logits.device)
+                rl, base = logits[idx, :shared], base_logits[idx, :shared]
+            scores, mass, _ = directional_step_with_replacement(rl, base, config, greedy=greedy)
+            if whole:
+                out[:, :shared] = scores.to(out.dtype)
+            else:
+                out[idx, :shared] = scores.to(out.dtype)
+            self._record(rows, indices, mass)
         return out
+
+    @staticmethod
+    def _record(rows, indices: list[int], mass: torch.Tensor) -> None:
+        """The replaced mass of each row `indices[i]` (`mass[i]`) under its request's statistics key."""
+        for index, m in zip(indices, mass.tolist()):
+            _config, _greedy, key, output_ids = rows[index]
+            _shared.record(key, len(output_ids), m)
