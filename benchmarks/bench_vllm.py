@@ -1,7 +1,7 @@
 """Throughput of directional decoding inside vLLM (`hf_extrapolate.vllm.DirectionalLLM`).
 
 Same prompts, same random-initialised Llama pair (saved to a temporary folder), every row generates exactly N tokens
-(`ignore_eos`), sampling at T = 1.0, top-p 0.7. Modes (`--modes`), each timed once per N after a warm-up call:
+(`ignore_eos`), sampling at T = 1.0, top-p 0.7 (`--top-p`). Modes (`--modes`), each timed once per N after a warm-up call:
 
 - `plain`: vLLM's `LLM` on the RL model alone (the floor a two-model method is compared with);
 - `directional`: `DirectionalLLM` (both models in vLLM's paged KV cache, one forward of each per step);
@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--probe-steps", type=int, default=2)
     parser.add_argument("--validate-estimate", action="store_true")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--top-p", type=float, default=0.7,
+                        help="top-p of every mode (the reference scripts' 0.7; 1.0 shows the two-forward floor)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -115,7 +117,7 @@ def main() -> None:
     results: dict = {"config": vars(args), "rows": []}
 
     def params(n, **kw):
-        return SamplingParams(temperature=1.0, top_p=0.7, max_tokens=n, ignore_eos=True, detokenize=False, **kw)
+        return SamplingParams(temperature=1.0, top_p=args.top_p, max_tokens=n, ignore_eos=True, detokenize=False, **kw)
 
     times: dict[tuple[str, int], float] = {}
     loads: dict[str, list[float]] = {}
@@ -204,7 +206,7 @@ def main() -> None:
                 base_out = base_llm.generate(batch, step, use_tqdm=False)
                 for row, a, b in zip(rows, rl_out, base_out):
                     row.append(reference_step(a.outputs[0].logprobs[0], b.outputs[0].logprobs[0], rng, -0.3, 0.1,
-                                              0.7))
+                                              args.top_p))
 
         measure(mode, reference, lambda reference=reference: reference(2))
         if mode == "reference_v0":

@@ -26,6 +26,7 @@ from vllm.v1.sample.logits_processor.interface import MoveDirectionality
 from ..config import ExtrapolationConfig
 from ..directional import directional_step_with_replacement
 from ..distributions import NEG_INF
+from ..fast_step import Workspace, fast_step
 from ..processor import shared_vocab_size
 from . import _shared
 
@@ -96,6 +97,7 @@ class DirectionalLogitsProcessor(VllmLogitsProcessor):
         self.device = device
         # row index in the persistent batch -> (config, greedy, key, output token ids (a live reference))
         self.rows: dict[int, tuple[ExtrapolationConfig, bool, str, list[int]]] = {}
+        self._workspace = Workspace()  # fast_step's intermediates, reused from step to step
 
     # ------------------------------------------------------------------ vLLM's interface
     @classmethod
@@ -145,7 +147,7 @@ class DirectionalLogitsProcessor(VllmLogitsProcessor):
         whole = len(groups) == 1 and len(rows) == logits.shape[0]  # one setting for every row: no gather / scatter
         if whole and shared == logits.shape[-1]:
             ((config, greedy),) = groups
-            scores, mass, _ = directional_step_with_replacement(logits, base_logits, config, greedy=greedy)
+            scores, mass = self._step(logits, base_logits, config, greedy)
             self._record(rows, sorted(rows), mass)
             return scores.to(logits.dtype)
         out = logits
@@ -158,13 +160,22 @@ class DirectionalLogitsProcessor(VllmLogitsProcessor):
             else:
                 idx = torch.tensor(indices, device=logits.device)
                 rl, base = logits[idx, :shared], base_logits[idx, :shared]
-            scores, mass, _ = directional_step_with_replacement(rl, base, config, greedy=greedy)
+            scores, mass = self._step(rl, base, config, greedy)
             if whole:
                 out[:, :shared] = scores.to(out.dtype)
             else:
                 out[idx, :shared] = scores.to(out.dtype)
             self._record(rows, indices, mass)
         return out
+
+    def _step(self, rl: torch.Tensor, base: torch.Tensor, config: ExtrapolationConfig, greedy: bool):
+        """(scores, mass): `fast_step` where it covers the configuration (no top-k / top-p: fewer passes, and the
+        compiled CPU kernel when `HF_EXTRAPOLATE_CPU_KERNEL=1`), else the definition. Scores are a fresh tensor."""
+        step = fast_step(rl, base, config, greedy=greedy, workspace=self._workspace)
+        if step is None:
+            scores, mass, _ = directional_step_with_replacement(rl, base, config, greedy=greedy)
+            return scores, mass
+        return step.scores, step.mass
 
     @staticmethod
     def _record(rows, indices: list[int], mass: torch.Tensor) -> None:
