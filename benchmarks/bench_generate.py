@@ -423,7 +423,11 @@ def outside_base_forward(rl, base, inputs: dict, n: int, do_sample: bool, device
     minimal loop, read from the parts that differ, free of the forward-time drift between separately timed runs
     (which on a shared 2-core box spreads end-to-end ratios over several per cent).
     """
-    outside: dict[str, list[float]] = {"minimal": [], "directional": []}
+    from hf_extrapolate import cpu_kernel
+
+    kernel = cpu_kernel.active()
+    kinds = ("minimal", "directional", "directional_eager") if kernel is not None else ("minimal", "directional")
+    outside: dict[str, list[float]] = {kind: [] for kind in kinds}
     steps: list[float] = []
     state = {"base": 0.0, "proc": 0.0, "start": 0.0}
 
@@ -451,7 +455,8 @@ def outside_base_forward(rl, base, inputs: dict, n: int, do_sample: bool, device
                base.register_forward_hook(post, with_kwargs=True)]
     try:
         for _ in range(repeats):
-            for kind in ("minimal", "directional"):
+            for kind in kinds:
+                cpu_kernel._module = None if kind == "directional_eager" else kernel
                 if kind == "minimal":
                     proc = MinimalTwoModelProcessor(base, inputs["attention_mask"])
                 else:
@@ -466,15 +471,21 @@ def outside_base_forward(rl, base, inputs: dict, n: int, do_sample: bool, device
                 if kind == "minimal":
                     steps.append(wall / n)
     finally:
+        cpu_kernel._module = kernel
         for h in handles:
             h.remove()
     minimal, directional, step = (statistics.median(v) for v in (outside["minimal"], outside["directional"], steps))
-    return {
+    result = {
         "minimal_outside_base_ms": 1e3 * minimal,
         "directional_outside_base_ms": 1e3 * directional,
         "minimal_step_ms": 1e3 * step,
         "directional_vs_minimal_from_parts": 1.0 + (directional - minimal) / step,
     }
+    if kernel is not None:  # the eager step in the same run, interleaved
+        eager = statistics.median(outside["directional_eager"])
+        result["directional_eager_outside_base_ms"] = 1e3 * eager
+        result["directional_eager_vs_minimal_from_parts"] = 1.0 + (eager - minimal) / step
+    return result
 
 
 def count_cuda_syncs(base, inputs: dict, steps: int = 16) -> dict[str, Any]:
@@ -633,6 +644,9 @@ def run_grid(
                     summary["directional_vs_rl_plus_base_predicted"] = share["predicted_ratio"]
                     if "directional_vs_minimal_from_parts" in share:
                         summary["directional_vs_minimal_from_parts"] = share["directional_vs_minimal_from_parts"]
+                    if "directional_eager_vs_minimal_from_parts" in share:
+                        summary["directional_eager_vs_minimal_from_parts"] = share[
+                            "directional_eager_vs_minimal_from_parts"]
                 results += block
                 summaries.append(summary)
                 log(format_block(block, summary, share))
@@ -733,7 +747,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--model", choices=("default", "small"), default="default",
                         help="CPU model shape: default hidden 512 / 8 layers / vocab 32000; small hidden 256 / 4 / 8192")
+    parser.add_argument("--cpu-kernel", action="store_true",
+                        help="run the directional rows through the compiled CPU step (hf_extrapolate.cpu_kernel); "
+                             "the parts measurement then also times the eager step, interleaved")
     args = parser.parse_args(argv)
+    if args.cpu_kernel:
+        from hf_extrapolate import cpu_kernel
+
+        cpu_kernel.enable()
     if args.device == "cuda" and args.quick:
         parser.error("--quick is a CPU smoke test; drop --device cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -749,6 +770,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "cpu_kernel": bool(args.cpu_kernel),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "dtype": str(setting.dtype),

@@ -24,6 +24,9 @@ everything else (top-k / top-p truncation, `candidate_top_k`, `view_top_k`, posi
 caller then computes with `directional_step_with_replacement`. Tokens that are `-inf` in the RL scores are masked in
 the base distribution exactly as `normalize_pair` does. `tests/test_fast_step.py` checks every covered case against
 `directional_step_with_replacement` (and that the check fails for a wrong formula).
+
+On CPU, with `hf_extrapolate.cpu_kernel.enable()` (opt-in: compiled on this machine), float32 steps go through a
+fused C++ kernel computing the same quantities in four or five passes per row (`tests/test_cpu_kernel.py`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cpu_kernel
 from .config import TOKEN_CRITERIA, ExtrapolationConfig
 from .distributions import LOG_TINY
 
@@ -153,6 +157,9 @@ def fast_step(
     on_cpu = not branch_free if branch_free is not None else rl_scores.device.type == "cpu"
     r = rl_scores if rl_scores.dtype == torch.float32 else rl_scores.float()
     b = base_scores if base_scores.dtype == torch.float32 else base_scores.float()
+    kernel = cpu_kernel.active() if on_cpu and r.device.type == "cpu" else None
+    if kernel is not None:
+        return _fused(kernel, config, r.contiguous(), b.contiguous(), greedy, generator, ws)
     temperature = config.temperature
     rl_proposes = config.proposal == "rl"
     # under greedy decoding log p is usually the result: a fresh tensor; everything else lives in the workspace
@@ -210,6 +217,25 @@ def fast_step(
         kept_log = torch.addcmul(log_p, fire, torch.full_like(mass, FP32_MIN), out=ws("tmp", r))
         log_q = torch.logaddexp(kept_log, log_r + mass.log())
     return FastStep(log_q, mass.squeeze(-1), log_r, True, (mass + log_q.amax(-1, keepdim=True)).squeeze(-1))
+
+
+_NO_DRAW = torch.empty(0)
+
+
+def _fused(kernel, config: ExtrapolationConfig, r: torch.Tensor, b: torch.Tensor, greedy: bool,
+           generator: torch.Generator | None, ws) -> FastStep:
+    """The step through the compiled CPU kernel (`cpu_kernel`): the same quantities in a few passes per row."""
+    criterion, rl_proposes = config.criterion, config.proposal == "rl"
+    random = criterion == "random"
+    rl_minus_base = criterion == "logp_diff" or (criterion == "logp_proposal_minus_other") == rl_proposes
+    args = (config.temperature, config.gamma, config.threshold, rl_minus_base, rl_proposes, random, LOG_TINY)
+    if greedy:  # the random draw as the eager rule makes it (same generator, same order)
+        fire = (torch.rand(r.shape[0], generator=generator) < config.threshold).float() if random else _NO_DRAW
+        scores, mass, check = kernel.greedy_step(r, b, fire, *args)
+        return FastStep(scores, mass, None, True, check)
+    redraw = ws("redraw", r)
+    log_q, mass, check = kernel.sample_step(r, b, redraw, *args, SAFE_PROBABILITY)
+    return FastStep(log_q, mass, redraw, False, check)
 
 
 def _greedy(
