@@ -31,7 +31,7 @@ import torch
 
 ENV = "HF_EXTRAPOLATE_CPU_KERNEL"
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "directional_step.cpp")
-_VERSION = 1  # bump with the source: a new name, so that a cached build of an older source is never loaded
+_VERSION = 2  # bump with the source: a new name, so that a cached build of an older source is never loaded
 
 _FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
@@ -57,7 +57,7 @@ def _build(verbose: bool):
     return load(
         name=f"hf_extrapolate_directional_step_v{_VERSION}_{cap.lower()}",
         sources=[_SOURCE],
-        extra_cflags=["-O3", "-std=c++17", *_FLAGS.get(cap, [])],
+        extra_cflags=["-O3", *_FLAGS.get(cap, [])],  # runs on one thread (no OpenMP flags): decode rows are few
         verbose=verbose,
     )
 

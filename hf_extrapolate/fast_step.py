@@ -107,7 +107,10 @@ def _difference(config: ExtrapolationConfig, rl: torch.Tensor, base: torch.Tenso
 @functools.lru_cache(maxsize=64)
 def _float32(value: float) -> float:
     """`value` rounded to float32, as torch compares a float32 tensor with a Python number."""
-    return struct.unpack("f", struct.pack("f", value))[0]
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond float32's range: torch's comparison sees +-inf
+        return math.copysign(math.inf, value)
 
 
 @functools.lru_cache(maxsize=256)
@@ -123,9 +126,9 @@ def _extrapolated(config: ExtrapolationConfig, rl: torch.Tensor, base: torch.Ten
     if gamma == 0.0:
         return rl if temperature == 1.0 else torch.div(rl, temperature, out=ws("ext", rl))
     floored = torch.clamp(base, min=LOG_TINY, out=ws("tmp", rl))
-    if gamma > 0.0:  # one pass: lerp(b, l, 1 + gamma) = l + gamma (l - b), -inf where l is -inf
+    if gamma > 0.0 and _float32(1.0 + gamma) > 1.0:  # one pass: lerp(b, l, 1 + gamma), -inf where l is -inf
         ext = torch.lerp(floored, rl, 1.0 + gamma, out=ws("ext", rl))
-    else:  # -1 < gamma < 0: lerp would form -inf + inf at masked tokens
+    else:  # -1 < gamma < 0, or 1 + gamma rounding to 1: lerp would form -inf + inf at masked tokens
         ext = torch.mul(rl, 1.0 + gamma, out=ws("ext", rl)).add_(floored, alpha=-gamma)
     return ext if temperature == 1.0 else ext.div_(temperature)
 

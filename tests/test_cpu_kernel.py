@@ -188,3 +188,43 @@ def test_sampled_posterior_through_the_kernel(kernel, cfg):
     from .test_processor_generate import test_sampled_posterior_equals_an_independent_computation as check
 
     check(cfg)
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+@pytest.mark.parametrize("gamma", [-0.99999999, 1e-8])
+def test_gamma_at_the_edges_of_float32(kernel, greedy, gamma):
+    """1 + gamma formed in double: just above -1 it is not 0 in float32 (no NaN at masked tokens), and a gamma
+    whose 1 + gamma rounds to 1 keeps masked tokens at -inf (kernel and eager)."""
+    cfg = ExtrapolationConfig(criterion="logp_diff", threshold=5.0, gamma=gamma)  # fires everywhere: the redraw
+    rl, base = pair(seed=8)
+    step = fused(rl, base, cfg, greedy)
+    assert not torch.isnan(step.scores).any()
+    assert_same(step, rl, base, cfg, greedy)
+    cpu_kernel.disable()
+    try:
+        eager = fused(rl, base, cfg, greedy)
+    finally:
+        cpu_kernel.enable()
+    assert not torch.isnan(eager.scores).any()
+    assert_same(eager, rl, base, cfg, greedy)
+
+
+def test_broken_base_logit_under_an_rl_mask_is_flagged(kernel):
+    """A NaN / +inf base logit where the RL scores are -inf poisons the row as in the eager step (flagged), instead
+    of being hidden by the mask."""
+    cfg = ExtrapolationConfig(criterion="logp_diff", threshold=-0.3, gamma=0.1)
+    for bad in (float("nan"), float("inf")):
+        rl, base = pair(seed=9)  # rl[:, 3] is -inf
+        base[2, 3] = bad
+        for greedy in (False, True):
+            finite = fused(rl, base, cfg, greedy).finite
+            assert not bool(torch.isfinite(finite[2])) and bool(torch.isfinite(finite[[0, 1, 3, 4]]).all())
+
+
+def test_threshold_beyond_float32(kernel):
+    rl, base = pair(seed=10)
+    for tau in (1e39, -1e39):
+        cfg = ExtrapolationConfig(criterion="logp_diff", threshold=tau, gamma=0.1)
+        for greedy in (False, True):
+            step = fused(rl, base, cfg, greedy)
+            assert_same(step, rl, base, cfg, greedy)

@@ -34,6 +34,7 @@ constexpr int64_t kW = Vec::size();
 struct Config {
   float temperature;  // > 0
   float gamma;        // > -1
+  float one_plus_gamma;  // formed in double: 1 + gamma for gamma just above -1 is not 0
   float tau;          // threshold (token criteria) or the replacement probability (random)
   bool rl_minus_base;  // the criterion compares rl - base (else base - rl)
   bool rl_proposes;
@@ -79,7 +80,11 @@ struct Elem {
   Vec rl, base, lp, f, ext;
 };
 
-inline Vec masked_base(const Vec& x, const Vec& y) { return Vec::blendv(y, Vec(kNegInf), x == Vec(kNegInf)); }
+// b + (-inf) where r is -inf, as fast_step's additive mask: a NaN / +inf base logit there still poisons the row
+// (and is flagged) instead of being hidden by the mask
+inline Vec masked_base(const Vec& x, const Vec& y) {
+  return Vec::blendv(y, y + Vec(kNegInf), x == Vec(kNegInf));
+}
 
 inline Elem element(const Config& c, const Row& w, const Vec& x, const Vec& ym) {
   Elem e;
@@ -101,16 +106,16 @@ inline Elem element(const Config& c, const Row& w, const Vec& x, const Vec& ym) 
   } else {
     Vec floored = at::vec::maximum(e.base, Vec(c.log_tiny));
     if (c.gamma > 0.f) {
-      e.ext = floored + Vec(1.f + c.gamma) * (e.rl - floored);  // lerp: -inf where rl is -inf
+      e.ext = floored + Vec(c.one_plus_gamma) * (e.rl - floored);  // lerp: -inf where rl is -inf
     } else {
-      e.ext = e.rl * Vec(1.f + c.gamma) + floored * Vec(-c.gamma);
+      e.ext = e.rl * Vec(c.one_plus_gamma) + floored * Vec(-c.gamma);
     }
   }
   if (c.temperature != 1.f) e.ext = e.ext / Vec(c.temperature);
   return e;
 }
 
-inline float scalar_masked_base(float x, float y) { return x == kNegInf ? kNegInf : y; }
+inline float scalar_masked_base(float x, float y) { return x == kNegInf ? y + kNegInf : y; }
 
 // Passes 1 and 2: maxima and log sums of exp of both models (and of the warped proposal). When `store_x` is given the
 // proposal's exp(arg - max) is stored there (so that p needs no exp later); `store_r` gets exp(r - max_r).
@@ -223,11 +228,9 @@ void sample_row(const Config& c, const float* r, const float* b, int64_t V, floa
   }
   if (c.random) mass = c.tau;  // exactly tau (the sum above is tau up to rounding)
   // pass 4: the redraw's normaliser (exp(ext - max) stored in place); for gamma = 0, T = 1 it is the RL's own
-  float log_norm_e;  // log r = ext - log_norm_e
-  float sum_e;
+  float sum_e, log_sum_e = 0.f;  // log r = (ext - max_e) - log_sum_e
   if (redraw_is_rl) {
-    sum_e = w.sum_r;
-    log_norm_e = w.max_r + w.log_sum_r;  // ext = rl: log r = rl = (r - max_r) - log_sum_r
+    sum_e = w.sum_r;  // ext = rl: log r = rl = (r - max_r) - log_sum_r
   } else {
     Vec se(0.f);
     i = 0;
@@ -241,7 +244,7 @@ void sample_row(const Config& c, const float* r, const float* b, int64_t V, floa
       redraw[i] = std::exp(redraw[i] - max_e);
       sum_e += redraw[i];
     }
-    log_norm_e = max_e + std::log(sum_e);
+    log_sum_e = std::log(sum_e);
   }
   // pass 5: r, q = kept + M r and log q; a vector with some q < safe is redone in log space
   const float keep = c.random ? 1.f - c.tau : 1.f;  // random: log of the kept mass is log p + log(1 - tau)
@@ -250,7 +253,7 @@ void sample_row(const Config& c, const float* r, const float* b, int64_t V, floa
   i = 0;
   auto repair = [&](const Vec& x, const Vec& y) -> Vec {
     Elem e = element(c, w, x, masked_base(x, y));
-    Vec log_r = redraw_is_rl ? e.rl : e.ext - Vec(log_norm_e);
+    Vec log_r = redraw_is_rl ? e.rl : (e.ext - Vec(max_e)) - Vec(log_sum_e);  // ATen's order
     Vec a = c.random ? e.lp + Vec(log_keep) : Vec::blendv(e.lp, Vec(kNegInf), e.f == Vec(1.f));  // log kept
     Vec cc = log_r + Vec(log_mass);
     Vec m = at::vec::maximum(a, cc);
@@ -356,8 +359,9 @@ Config make_config(double temperature, double gamma, double tau, bool rl_minus_b
                    double log_tiny, double safe) {
   TORCH_CHECK(temperature > 0.0, "temperature must be > 0, got ", temperature);
   TORCH_CHECK(gamma > -1.0, "gamma must be > -1, got ", gamma);
-  return Config{static_cast<float>(temperature), static_cast<float>(gamma), static_cast<float>(tau), rl_minus_base,
-                rl_proposes, random, static_cast<float>(log_tiny), static_cast<float>(safe)};
+  return Config{static_cast<float>(temperature), static_cast<float>(gamma), static_cast<float>(1.0 + gamma),
+                static_cast<float>(tau), rl_minus_base, rl_proposes, random, static_cast<float>(log_tiny),
+                static_cast<float>(safe)};
 }
 
 void check_inputs(const torch::Tensor& rl, const torch::Tensor& base) {
@@ -366,6 +370,7 @@ void check_inputs(const torch::Tensor& rl, const torch::Tensor& base) {
               "the fused CPU step takes float32 scores");
   TORCH_CHECK(rl.dim() == 2 && rl.sizes() == base.sizes(), "scores must both be (batch, vocab) of one shape");
   TORCH_CHECK(rl.is_contiguous() && base.is_contiguous(), "scores must be contiguous");
+  TORCH_CHECK(rl.size(1) > 0, "scores must have a non-empty vocabulary");
 }
 
 // (log q, r, M, check): log q and r (B, V), M and check (B,)
