@@ -15,7 +15,7 @@ about a minute on two cores, then cached under `TORCH_EXTENSIONS_DIR`, by defaul
     import hf_extrapolate.cpu_kernel
     hf_extrapolate.cpu_kernel.enable()       # or HF_EXTRAPOLATE_CPU_KERNEL=1 in the environment
 
-After that every `fast_step` on CPU float32 scores (the logits processor, the wrapper, lookahead's checks) runs
+After that every `fast_step` on CPU float32 scores (the logits processor, so the wrapper too, and the vLLM processor) runs
 through it; `disable()` goes back to eager torch. The results agree with `fast_step`'s eager form and with
 `directional_step_with_replacement` to float32 rounding (`tests/test_cpu_kernel.py`); the compiled code is built
 for the CPU capability torch itself dispatches to (AVX512, AVX2, or portable code).
