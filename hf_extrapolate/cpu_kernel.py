@@ -23,6 +23,7 @@ for the CPU capability torch itself dispatches to (AVX512, AVX2, or portable cod
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import warnings
@@ -31,7 +32,6 @@ import torch
 
 ENV = "HF_EXTRAPOLATE_CPU_KERNEL"
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "directional_step.cpp")
-_VERSION = 2  # bump with the source: a new name, so that a cached build of an older source is never loaded
 
 _FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
@@ -54,8 +54,10 @@ def _build(verbose: bool):
     from torch.utils.cpp_extension import load
 
     cap = capability()
+    with open(_SOURCE, "rb") as source:  # the source's hash in the name: a cached build of another source never loads
+        digest = hashlib.sha256(source.read()).hexdigest()[:12]
     return load(
-        name=f"hf_extrapolate_directional_step_v{_VERSION}_{cap.lower()}",
+        name=f"hf_extrapolate_directional_step_{digest}_{cap.lower()}",
         sources=[_SOURCE],
         extra_cflags=["-O3", *_FLAGS.get(cap, [])],  # runs on one thread (no OpenMP flags): decode rows are few
         verbose=verbose,

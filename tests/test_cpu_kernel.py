@@ -1,5 +1,6 @@
 """The fused CPU step (`hf_extrapolate.cpu_kernel`) against the definition and against the eager `fast_step`."""
 
+import math
 import shutil
 
 import pytest
@@ -228,3 +229,30 @@ def test_threshold_beyond_float32(kernel):
         for greedy in (False, True):
             step = fused(rl, base, cfg, greedy)
             assert_same(step, rl, base, cfg, greedy)
+
+
+def test_inlined_exp_and_log_within_one_ulp_everywhere(kernel):
+    """The hot passes' exp / log (inlined under AVX-512) against float64, over every exponent range, denormal results
+    and inputs, and the special values; a wrong polynomial coefficient or range reduction fails by many ulps."""
+    module = kernel
+    x = torch.cat([torch.linspace(-110.0, 90.0, 1 << 20), torch.randn(1 << 16) * 5,
+                   torch.tensor([math.inf, -math.inf, math.nan, 0.0, -0.0, 88.72, -103.9])])
+    got, ref = module.map_unary(x, False), torch.exp(x.double())
+    normal = (ref > torch.finfo(torch.float32).tiny) & (ref < torch.finfo(torch.float32).max)
+    ulps = (got[normal].view(torch.int32).long() - ref[normal].float().view(torch.int32).long()).abs()
+    assert int(ulps.max()) <= 1
+    denormal = ref <= torch.finfo(torch.float32).tiny
+    assert float((got[denormal].double() - ref[denormal]).abs().max()) <= 1.5e-45
+    assert torch.isinf(got[(ref > 3.5e38) & torch.isfinite(x)]).all()
+    assert got[-7].item() == math.inf and got[-6].item() == 0.0 and math.isnan(got[-5].item())
+    assert got[-4].item() == 1.0 and got[-3].item() == 1.0
+
+    y = torch.cat([torch.exp(torch.linspace(-103.0, 88.7, 1 << 20)), torch.rand(1 << 16),
+                   torch.tensor([math.inf, math.nan, 0.0, -1.0, 1.0, 1e-45, 3e-39])])
+    got, ref = module.map_unary(y, True), torch.log(y.double())
+    finite = torch.isfinite(ref)
+    ulps = (got[finite].view(torch.int32).long() - ref[finite].float().view(torch.int32).long()).abs()
+    assert int(ulps.max()) <= 1
+    assert float((got[finite].double() - ref[finite]).abs().max()) < 1e-5
+    assert got[-7].item() == math.inf and math.isnan(got[-6].item()) and got[-5].item() == -math.inf
+    assert math.isnan(got[-4].item()) and got[-3].item() == 0.0
