@@ -256,3 +256,20 @@ def test_inlined_exp_and_log_within_one_ulp_everywhere(kernel):
     assert float((got[finite].double() - ref[finite]).abs().max()) < 1e-5
     assert got[-7].item() == math.inf and math.isnan(got[-6].item()) and got[-5].item() == -math.inf
     assert math.isnan(got[-4].item()) and got[-3].item() == 0.0
+
+
+@pytest.mark.parametrize("vocab", [64, 70])  # without / with a scalar tail
+def test_greedy_argmax_takes_the_first_of_tied_maxima(kernel, vocab):
+    """The fused argmax (per lane, merged) picks the first index among tied maxima, as torch's argmax: the criterion
+    is set to fire at the later tied token only, so picking it would replace the row."""
+    base = torch.zeros(2, vocab)
+    base[:, [5, 37, vocab - 1]] = 3.0  # tied maxima in two lanes and the tail
+    rl = torch.zeros(2, vocab)
+    rl[:, 5] = 6.0
+    rl[:, 37] = -5.0
+    rl[:, vocab - 1] = -5.0
+    cfg = ExtrapolationConfig(criterion="logp_diff", threshold=-1.0, gamma=0.5)
+    step = fused(rl, base, cfg, greedy=True)
+    _, mass, _ = directional_step_with_replacement(rl, base, cfg, greedy=True)
+    torch.testing.assert_close(step.mass, mass.float())
+    assert float(step.mass.sum()) == 0.0
