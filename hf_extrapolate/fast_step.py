@@ -234,11 +234,12 @@ def _fused(kernel, config: ExtrapolationConfig, r: torch.Tensor, b: torch.Tensor
     args = (config.temperature, config.gamma, config.threshold, rl_minus_base, rl_proposes, random, LOG_TINY)
     if greedy:  # the random draw as the eager rule makes it (same generator, same order)
         fire = (torch.rand(r.shape[0], generator=generator) < config.threshold).float() if random else _NO_DRAW
-        scores, mass, check = kernel.greedy_step(r, b, fire, *args)
-        return FastStep(scores, mass, None, True, check)
+        scores, mass, check, finite = kernel.greedy_step(r, b, fire, *args)
+        return FastStep(scores, mass, None, True, True if finite else check)
     redraw = ws("redraw", r)
-    log_q, mass, check = kernel.sample_step(r, b, redraw, *args, SAFE_PROBABILITY)
-    return FastStep(log_q, mass, redraw, False, check)
+    # `finite` is the kernel's own test of `check` (a Python bool): no torch reduction on the step's hot path
+    log_q, mass, check, finite = kernel.sample_step(r, b, redraw, *args, SAFE_PROBABILITY)
+    return FastStep(log_q, mass, redraw, False, True if finite else check)
 
 
 def _greedy(

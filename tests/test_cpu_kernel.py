@@ -8,7 +8,8 @@ import torch
 
 from hf_extrapolate import ExtrapolationConfig, cpu_kernel
 from hf_extrapolate.directional import directional_step_with_replacement
-from hf_extrapolate.fast_step import fast_step
+from hf_extrapolate.distributions import LOG_TINY
+from hf_extrapolate.fast_step import SAFE_PROBABILITY, fast_step
 
 from .test_fast_step import CONFIGS, assert_same, pair
 
@@ -139,6 +140,26 @@ def test_kernel_flags_non_finite_inputs(kernel):
     base[0] = float("-inf")  # the base excludes every token
     for greedy in (False, True):
         assert not bool(torch.isfinite(fused(rl, base, cfg, greedy).finite[0]))
+
+
+def test_kernel_finite_flag_agrees_with_its_check_values(kernel):
+    """The kernel's own finiteness flag (read instead of a torch reduction on the hot path) is True exactly when
+    every row's check value is finite: clean steps report True, a single bad entry in any row reports the tensor."""
+    cfg = ExtrapolationConfig(criterion="logp_diff", threshold=-0.3, gamma=0.1)
+    args = (cfg.temperature, cfg.gamma, cfg.threshold, True, False, False, LOG_TINY)
+    for greedy in (False, True):
+        rl, base = pair(seed=11)
+        assert fused(rl, base, cfg, greedy).finite is True
+        for row in range(rl.shape[0]):
+            for bad in (float("nan"), float("inf")):
+                broken = base.clone()
+                broken[row, 7] = bad
+                if greedy:
+                    _, _, check, flag = kernel.greedy_step(rl, broken, torch.empty(0), *args)
+                else:
+                    _, _, check, flag = kernel.sample_step(rl, broken, torch.empty_like(rl), *args, SAFE_PROBABILITY)
+                assert flag is False and not bool(torch.isfinite(check[row]))
+                assert fused(rl, broken, cfg, greedy).finite is not True
 
 
 def test_kernel_refuses_what_it_cannot_compute(kernel):

@@ -26,6 +26,7 @@
 #endif
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -137,9 +138,25 @@ struct Elem {
 
 // b + (-inf) where r is -inf, as fast_step's additive mask: a NaN / +inf base logit there still poisons the row
 // (and is flagged) instead of being hidden by the mask
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec masked_base(const Vec& x, const Vec& y) {  // a compare into a mask register and a masked add
+  const __m512 inf = _mm512_set1_ps(kNegInf);
+  return Vec(_mm512_mask_add_ps(__m512(y), _mm512_cmp_ps_mask(__m512(x), inf, _CMP_EQ_OQ), __m512(y), inf));
+}
+#else
 inline Vec masked_base(const Vec& x, const Vec& y) {
   return Vec::blendv(y, y + Vec(kNegInf), x == Vec(kNegInf));
 }
+#endif
+
+// The running maximum of the max passes, NaN in `x` ignored (one instruction under AVX-512, where at::vec's
+// NaN-propagating maximum takes four). A NaN still reaches every result: the sum of exp(x - max) over the row is
+// NaN, so are the log-normaliser, every log-probability of the row and its check value (flagged).
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec running_max(const Vec& acc, const Vec& x) { return Vec(_mm512_max_ps(__m512(x), __m512(acc))); }
+#else
+inline Vec running_max(const Vec& acc, const Vec& x) { return at::vec::maximum(acc, x); }
+#endif
 
 inline Elem element(const Config& c, const Row& w, const Vec& x, const Vec& ym) {
   Elem e;
@@ -180,8 +197,8 @@ Row row_constants(const Config& c, const float* r, const float* b, int64_t V, fl
   int64_t i = 0;
   for (; i + kW <= V; i += kW) {
     Vec x = Vec::loadu(r + i);
-    vr = at::vec::maximum(vr, x);
-    vb = at::vec::maximum(vb, masked_base(x, Vec::loadu(b + i)));
+    vr = running_max(vr, x);
+    vb = running_max(vb, masked_base(x, Vec::loadu(b + i)));
   }
   w.max_r = hmax(vr);
   w.max_b = hmax(vb);
@@ -232,6 +249,22 @@ Row row_constants(const Config& c, const float* r, const float* b, int64_t V, fl
   w.log_sum_x = std::log(w.sum_x);
   return w;
 }
+
+// One vector of the first-argmax scan: where `v` is strictly greater than the lane's best so far, take its value and
+// index (NaN compares false: NaN rows are handled by the caller).
+#if defined(CPU_CAPABILITY_AVX512)
+inline void argmax_update(Vec& best, Vec& index, const Vec& v, const Vec& here) {
+  const __mmask16 greater = _mm512_cmp_ps_mask(__m512(v), __m512(best), _CMP_GT_OQ);
+  best = Vec(_mm512_mask_mov_ps(__m512(best), greater, __m512(v)));
+  index = Vec(_mm512_mask_mov_ps(__m512(index), greater, __m512(here)));
+}
+#else
+inline void argmax_update(Vec& best, Vec& index, const Vec& v, const Vec& here) {
+  const Vec greater = v > best;
+  best = Vec::blendv(best, v, greater);
+  index = Vec::blendv(index, here, greater);
+}
+#endif
 
 // Scalar tail of `element` (the last V % kW entries).
 inline void element_tail(const Config& c, const Row& w, float x, float y, float* rl, float* base, float* lp, float* f,
@@ -342,28 +375,30 @@ void greedy_row(const Config& c, const float* r, const float* b, int64_t V, floa
                 float* mass_out, float* check_out) {
   Row w = row_constants(c, r, b, V, nullptr, nullptr);
   // pass 3: log p, and its first argmax (the token generate's argmax picks from the returned scores): per lane the
-  // first strictly greatest value and its index (exact in float below 2^24 tokens), merged at the end; a NaN (which
-  // torch's argmax takes as the maximum) is found by a scan, as it poisons the NaN-propagating maximum
-  Vec vmax(kNegInf), vbest(kNegInf), vindex(0.f), lanes(0.f);
+  // first strictly greatest value and its index (exact in float below 2^24 tokens), merged at the end. A NaN log p
+  // (which torch's argmax takes as the maximum) exists iff the proposal's normaliser is NaN, and then every log p of
+  // the row is NaN (its sum of exp includes the NaN): the row's first NaN is found by a scan.
+  const bool warped = c.temperature != 1.f;
+  const float offset = warped ? w.max_x + w.log_sum_x : (c.rl_proposes ? w.max_r + w.log_sum_r : w.max_b + w.log_sum_b);
+  Vec vbest(kNegInf), vindex(0.f), lanes(0.f);
   {
     alignas(64) float offsets[kW];
     for (int64_t k = 0; k < kW; ++k) offsets[k] = static_cast<float>(k);
     lanes = Vec::loadu(offsets);
     vindex = lanes;
   }
+  Vec here = lanes;  // the indices of the current vector
+  const Vec step(static_cast<float>(kW));
   int64_t i = 0;
   for (; i + kW <= V; i += kW) {
     Vec x = Vec::loadu(r + i);
     Elem e = element(c, w, x, masked_base(x, Vec::loadu(b + i)));
     e.lp.store(out + i);
-    vmax = at::vec::maximum(vmax, e.lp);
-    Vec greater = e.lp > vbest;
-    vbest = Vec::blendv(vbest, e.lp, greater);
-    vindex = Vec::blendv(vindex, lanes + Vec(static_cast<float>(i)), greater);
+    argmax_update(vbest, vindex, e.lp, here);
+    here = here + step;
   }
-  float best = hmax(vmax);
   int64_t y0 = -1;
-  if (!std::isnan(best) && i > 0) {
+  if (i > 0) {
     alignas(64) float values[kW], indices[kW];
     vbest.store(values);
     vindex.store(indices);
@@ -376,19 +411,21 @@ void greedy_row(const Config& c, const float* r, const float* b, int64_t V, floa
   }
   float tail_best = kNegInf;
   int64_t tail_y0 = -1;
+  bool nan_seen = std::isnan(offset);
   for (; i < V; ++i) {
     float rl, base, lp, f, ext;
     element_tail(c, w, r[i], b[i], &rl, &base, &lp, &f, &ext);
     out[i] = lp;
-    best = smax(lp, best);
+    nan_seen = nan_seen || std::isnan(lp);
     if (lp > tail_best || (tail_y0 < 0 && lp == tail_best)) {
       tail_best = lp;
       tail_y0 = i;
     }
   }
-  if (std::isnan(best)) {
+  if (nan_seen) {
     for (y0 = 0; y0 < V && !std::isnan(out[y0]); ++y0) {
     }
+    if (y0 == V) y0 = 0;
   } else if (y0 < 0 || (tail_y0 >= 0 && tail_best > out[y0])) {
     y0 = tail_y0 >= 0 ? tail_y0 : 0;
   }
@@ -443,8 +480,17 @@ void check_inputs(const torch::Tensor& rl, const torch::Tensor& base) {
   TORCH_CHECK(rl.size(1) > 0, "scores must have a non-empty vocabulary");
 }
 
-// (log q, r, M, check): log q and r (B, V), M and check (B,)
-std::vector<torch::Tensor> sample_step(const torch::Tensor& rl, const torch::Tensor& base, const torch::Tensor& redraw,
+// Whether every row's check value is finite: read by the caller instead of a torch reduction over `check` (each
+// torch call after the forward costs tens of microseconds with cold caches, more than this loop)
+bool all_finite(const float* check, int64_t B) {
+  for (int64_t row = 0; row < B; ++row) {
+    if (!std::isfinite(check[row])) return false;
+  }
+  return true;
+}
+
+// (log q, r, M, check, finite): log q and r (B, V), M and check (B,), finite = check is finite in every row
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool> sample_step(const torch::Tensor& rl, const torch::Tensor& base, const torch::Tensor& redraw,
                                        double temperature, double gamma, double tau, bool rl_minus_base,
                                        bool rl_proposes, bool random, double log_tiny, double safe) {
   check_inputs(rl, base);
@@ -463,11 +509,11 @@ std::vector<torch::Tensor> sample_step(const torch::Tensor& rl, const torch::Ten
       sample_row(c, pr + row * V, pb + row * V, V, po + row * V, pe + row * V, pm + row, pc + row);
     }
   });
-  return {out, mass, check};
+  return {out, mass, check, all_finite(pc, B)};
 }
 
-// (scores, M, check): scores (B, V) = log r on fired rows, log p elsewhere; M (B,) 0 / 1
-std::vector<torch::Tensor> greedy_step(const torch::Tensor& rl, const torch::Tensor& base, const torch::Tensor& fire,
+// (scores, M, check, finite): scores (B, V) = log r on fired rows, log p elsewhere; M (B,) 0 / 1
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool> greedy_step(const torch::Tensor& rl, const torch::Tensor& base, const torch::Tensor& fire,
                                        double temperature, double gamma, double tau, bool rl_minus_base,
                                        bool rl_proposes, bool random, double log_tiny) {
   check_inputs(rl, base);
@@ -487,7 +533,7 @@ std::vector<torch::Tensor> greedy_step(const torch::Tensor& rl, const torch::Ten
       greedy_row(c, pr + row * V, pb + row * V, V, po + row * V, pf ? pf[row] : 0.f, pm + row, pc + row);
     }
   });
-  return {out, mass, check};
+  return {out, mass, check, all_finite(pc, B)};
 }
 
 // The hot passes' exp and log applied elementwise (for tests/test_cpu_kernel.py's accuracy check).
@@ -507,7 +553,7 @@ torch::Tensor map_unary(const torch::Tensor& x, bool log) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sample_step", &sample_step, "the directional sampling step (log q, r, M, check)");
+  m.def("sample_step", &sample_step, "the directional sampling step (log q, r, M, check, finite)");
   m.def("map_unary", &map_unary, "the hot passes' exp (log=False) or log, elementwise");
-  m.def("greedy_step", &greedy_step, "the directional greedy step (scores, M, check)");
+  m.def("greedy_step", &greedy_step, "the directional greedy step (scores, M, check, finite)");
 }
