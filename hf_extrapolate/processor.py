@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor
 
+from . import cpu_kernel
 from .config import ExtrapolationConfig
 from .directional import directional_step_with_replacement
 from .distributions import NEG_INF
@@ -265,6 +266,13 @@ class DirectionalLogitsProcessor(LogitsProcessor):
         position, log_q, (redraw, is_log), mass, padded = self._pending
         self._pending = None
         if tokens.shape[1] > position:
+            kernel = cpu_kernel.active()
+            if (kernel is not None and tokens.device.type == "cpu" and log_q.device.type == "cpu"
+                    and log_q.dtype == torch.float32 and redraw.dtype == torch.float32
+                    and log_q.is_contiguous() and redraw.is_contiguous()):  # one call: (log q(y), r(y)) as (R, 2)
+                self.stats.record_posterior_factors(position, mass, kernel.chosen_factors(log_q, redraw, tokens,
+                                                                                          position), None, is_log)
+                return
             chosen = tokens[:, position : position + 1]
             if chosen.device != log_q.device:
                 chosen = chosen.to(log_q.device)

@@ -83,13 +83,16 @@ class ReplacementStats:
         self.last_position = position
 
     def record_posterior_factors(
-        self, position: int, mass: torch.Tensor, log_q: torch.Tensor, redraw: torch.Tensor, redraw_is_log: bool
+        self, position: int, mass: torch.Tensor, log_q: torch.Tensor, redraw: torch.Tensor | None, redraw_is_log: bool
     ) -> None:
         """The posterior `M r(y) / q(y)` of the token now at `position`, from its factors (each (R,) or (R, 1)):
-        the replaced mass, `log q(y)` and `r(y)` (or `log r(y)` when `redraw_is_log`). Formed when read."""
+        the replaced mass, `log q(y)` and `r(y)` (or `log r(y)` when `redraw_is_log`); or, with `redraw=None`,
+        `log_q` of shape (R, 2) holding both columns. Formed when read."""
         column = position - self.prompt_length
         if 0 <= column <= self._recorded:
-            self._new_posterior[column] = (mass, log_q, redraw, redraw_is_log)
+            if redraw is None and (log_q.dim() != 2 or log_q.shape[1] != 2):
+                raise ValueError(f"`log_q` must be (rows, 2) when `redraw` is None, got {tuple(log_q.shape)}.")
+            self._new_posterior[column] = (mass, log_q, redraw, redraw_is_log)  # a pair is split when read
 
     # ------------------------------------------------------------------ the dense tables
     def _materialize(self) -> None:
@@ -127,6 +130,7 @@ class ReplacementStats:
                 if not columns:
                     continue
                 parts = [self._new_posterior[c] for c in columns]
+                parts = [(m, q[:, 0], q[:, 1]) if r is None else (m, q, r) for m, q, r, _ in parts]
                 mass, log_q, redraw = (torch.stack([p[i].reshape(rows) for p in parts], dim=1).float()
                                        for i in range(3))
                 log_r = redraw if is_log else redraw.log()

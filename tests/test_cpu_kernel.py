@@ -1,5 +1,6 @@
 """The fused CPU step (`hf_extrapolate.cpu_kernel`) against the definition and against the eager `fast_step`."""
 
+import itertools
 import math
 import shutil
 
@@ -150,16 +151,37 @@ def test_kernel_finite_flag_agrees_with_its_check_values(kernel):
     for greedy in (False, True):
         rl, base = pair(seed=11)
         assert fused(rl, base, cfg, greedy).finite is True
-        for row in range(rl.shape[0]):
-            for bad in (float("nan"), float("inf")):
-                broken = base.clone()
-                broken[row, 7] = bad
-                if greedy:
-                    _, _, check, flag = kernel.greedy_step(rl, broken, torch.empty(0), *args)
-                else:
-                    _, _, check, flag = kernel.sample_step(rl, broken, torch.empty_like(rl), *args, SAFE_PROBABILITY)
-                assert flag is False and not bool(torch.isfinite(check[row]))
-                assert fused(rl, broken, cfg, greedy).finite is not True
+        for row, column, which, bad in itertools.product(range(rl.shape[0]), (7, rl.shape[1] - 1), ("rl", "base"),
+                                                         (float("nan"), float("inf"))):  # a vector lane, the tail
+            x, y = rl.clone(), base.clone()
+            (x if which == "rl" else y)[row, column] = bad
+            if greedy:
+                _, _, check, flag = kernel.greedy_step(x, y, torch.empty(0), *args)
+            else:
+                _, _, check, flag = kernel.sample_step(x, y, torch.empty_like(rl), *args, SAFE_PROBABILITY)
+            assert flag is False and not bool(torch.isfinite(check[row])), (row, column, which, bad)
+            assert bool(torch.isfinite(check[[r for r in range(rl.shape[0]) if r != row]]).all())
+            assert fused(x, y, cfg, greedy).finite is not True
+
+
+def test_chosen_factors_equal_two_gathers(kernel):
+    """The posterior's factors read in one call equal log q and r gathered at each row's token (a token beyond the
+    last column, from a padded vocabulary tail, reads the last column); bad inputs are refused."""
+    gen = torch.Generator().manual_seed(12)
+    log_q, redraw = torch.randn(5, 37, generator=gen), torch.rand(5, 37, generator=gen)
+    tokens = torch.randint(0, 37, (5, 9), generator=gen)
+    tokens[3, 6] = 40  # a padded-tail token
+    for position in (0, 6, 8):
+        chosen = tokens[:, position : position + 1].clamp(max=36)
+        expected = torch.cat([log_q.gather(-1, chosen), redraw.gather(-1, chosen)], 1)
+        torch.testing.assert_close(kernel.chosen_factors(log_q, redraw, tokens, position), expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError):
+        kernel.chosen_factors(log_q, redraw, tokens, 9)  # no such column
+    with pytest.raises(RuntimeError):
+        kernel.chosen_factors(log_q, redraw, tokens.int(), 0)
+    tokens[1, 2] = -1
+    with pytest.raises(RuntimeError, match="negative"):
+        kernel.chosen_factors(log_q, redraw, tokens, 2)
 
 
 def test_kernel_refuses_what_it_cannot_compute(kernel):
@@ -198,7 +220,8 @@ def test_generate_through_the_kernel_matches_full_recompute(kernel, monkeypatch,
     rl, base = tiny_llama(0), tiny_llama(1)
     torch.manual_seed(0)
     run_and_check(rl, base, left_padded_batch([4, 9, 1]), cfg, dict(do_sample=do_sample, max_new_tokens=12))
-    assert calls and set(calls) == {"sample_step" if do_sample else "greedy_step"}
+    # sampling also reads each drawn token's posterior factors through the kernel
+    assert calls and set(calls) == ({"sample_step", "chosen_factors"} if do_sample else {"greedy_step"})
 
 
 @pytest.mark.parametrize("cfg", [

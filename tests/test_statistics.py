@@ -51,7 +51,10 @@ def test_lazy_tables_equal_eager_writes_under_reevaluation_growth_and_reorders()
             if not greedy and rng.random() < 0.8:  # the sampled token becomes known: its posterior's factors
                 log_q, log_r, is_log = torch.randn(rows, 1) - 2, torch.randn(rows, 1) - 2, rng.random() < 0.5
                 redraw = log_r if is_log else log_r.exp()
-                lazy.record_posterior_factors(position, mass, log_q, redraw, is_log)
+                if rng.random() < 0.5:
+                    lazy.record_posterior_factors(position, mass, log_q, redraw, is_log)
+                else:  # the fused kernel's form: both factors in one (R, 2) tensor
+                    lazy.record_posterior_factors(position, mass, torch.cat([log_q, redraw], 1), None, is_log)
                 post = ((log_r - log_q).exp().squeeze(-1) * mass).nan_to_num(0.0).clamp(0.0, 1.0)
                 dense.record_posterior(position, post)
             if rng.random() < 0.05:

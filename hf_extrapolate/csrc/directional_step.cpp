@@ -536,6 +536,33 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool> greedy_step(const 
   return {out, mass, check, all_finite(pc, B)};
 }
 
+// The posterior's factors of the token each row drew at `position`: (B, 2) = (log q(y), r(y)) read from the step's
+// outputs, y = tokens[:, position] clamped to the last column (a token of a padded vocabulary tail). One call in
+// place of two gathers and a slice (each a torch call with cold caches after the forward).
+torch::Tensor chosen_factors(const torch::Tensor& log_q, const torch::Tensor& redraw, const torch::Tensor& tokens,
+                             int64_t position) {
+  TORCH_CHECK(log_q.device().is_cpu() && log_q.scalar_type() == torch::kFloat && log_q.dim() == 2 &&
+                  log_q.is_contiguous() && redraw.sizes() == log_q.sizes() && redraw.is_contiguous() &&
+                  redraw.scalar_type() == torch::kFloat,
+              "log q and r must be contiguous (batch, vocab) float32 CPU tensors of one shape");
+  TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == torch::kLong && tokens.dim() == 2 &&
+                  tokens.size(0) == log_q.size(0) && position >= 0 && position < tokens.size(1),
+              "tokens must be a (batch, length) int64 CPU tensor with a column at `position`");
+  const int64_t B = log_q.size(0), V = log_q.size(1);
+  auto out = torch::empty({B, 2}, log_q.options());
+  const float *pq = log_q.data_ptr<float>(), *pr = redraw.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  auto ids = tokens.accessor<int64_t, 2>();
+  for (int64_t row = 0; row < B; ++row) {
+    const int64_t y = ids[row][position];
+    TORCH_CHECK(y >= 0, "token id ", y, " in row ", row, " is negative");
+    const int64_t column = y < V ? y : V - 1;
+    po[2 * row] = pq[row * V + column];
+    po[2 * row + 1] = pr[row * V + column];
+  }
+  return out;
+}
+
 // The hot passes' exp and log applied elementwise (for tests/test_cpu_kernel.py's accuracy check).
 torch::Tensor map_unary(const torch::Tensor& x, bool log) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 1,
@@ -554,6 +581,7 @@ torch::Tensor map_unary(const torch::Tensor& x, bool log) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_step", &sample_step, "the directional sampling step (log q, r, M, check, finite)");
+  m.def("chosen_factors", &chosen_factors, "(log q(y), r(y)) of the tokens drawn at a position, (batch, 2)");
   m.def("map_unary", &map_unary, "the hot passes' exp (log=False) or log, elementwise");
   m.def("greedy_step", &greedy_step, "the directional greedy step (scores, M, check, finite)");
 }
