@@ -42,3 +42,18 @@ def test_quick_benchmark_writes_all_rows(tmp_path):
     for mode in ("greedy", "sample"):
         assert 0 < ops[mode]["minimal"] < ops[mode]["directional"], ops
     assert report["meta"]["threads"] >= 1 and "|" in proc.stdout  # the markdown table is printed
+
+
+def test_step_benchmark_times_both_paths(tmp_path):
+    """benchmarks/bench_step.py (the fused kernel against eager fast_step) runs on a small shape and reports both."""
+    out = tmp_path / "step.json"
+    script = SCRIPT.parent / "bench_step.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--batch", "1", "2", "--vocab", "300", "--calls", "3", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert {(r["batch"], r["mode"]) for r in results} == {(b, m) for b in (1, 2) for m in ("greedy", "sample")}
+    for r in results:
+        assert _positive(r["kernel_us"]) and _positive(r["eager_us"]) and _positive(r["kernel_vs_eager"]), r
